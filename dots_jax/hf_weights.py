@@ -121,7 +121,8 @@ KEY_TABLE: tuple[Rule, ...] = (
     Rule("model.layers.{layer}.mlp.experts.{expert}.up_proj.weight", (I_MOE, H), "moe", ("mlp.up_proj",), _linear),
     Rule("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight", (H, I_MOE), "moe",
          ("mlp.down_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.experts.gate_up_proj", (E, f"2*{I_MOE}", H), "moe", ("mlp.gate_proj", "mlp.up_proj"), _fused_gate_up),
+    Rule("model.layers.{layer}.mlp.experts.gate_up_proj", (E, f"2*{I_MOE}", H), "moe",
+         ("mlp.gate_proj", "mlp.up_proj"), _fused_gate_up),
     Rule("model.layers.{layer}.mlp.experts.down_proj", (E, H, I_MOE), "moe",
          ("mlp.down_proj",), lambda x, c: x.transpose(0, 2, 1)),
 )

@@ -1,0 +1,308 @@
+"""Grouped matrix multiplication ("gmm") for the MoE layer, with swappable backends.
+
+    gmm(lhs [m, k], rhs [g, k, n], group_sizes int32 [g]) -> [m, n]
+
+The rows of `lhs` are sorted by group: rows [0, gs[0]) use rhs[0], the next gs[1] rows use rhs[1], and so
+on. Rows at or past sum(group_sizes) belong to no group and produce zeros (their lhs gradient is zero too).
+The caller promises sum(group_sizes) <= m; nothing checks it because group_sizes is usually a traced value.
+If the promise is broken, rows past m simply do not exist and the last groups are cut short.
+
+Backends (all take the same arguments and agree to float rounding):
+  "ragged_dot"  jax.lax.ragged_dot. Native on GPU/TPU; XLA:CPU lowers it to a masked dense product in which
+                every row meets every group (g times the work), so it is slow on CPU.
+  "dense"       the obviously-correct reference: every row times every group, then a one-hot select.
+                Slow and memory hungry ([g, m, n] intermediate); for tests and small problems.
+  "loop"        the fast one on CPU: pads each group to a multiple of a row tile, then loops over the tiles
+                that hold real rows, one small [T, k] @ [k, n] matmul each, with a hand-written backward.
+"auto" picks default_backend(): "loop" on CPU, "ragged_dot" elsewhere.
+
+register_backend() adds a backend (for example a Pallas kernel) without touching any caller.
+All backends accumulate in f32 and cast once to the output dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["BACKENDS", "default_backend", "gmm", "gmm_dense", "gmm_loop", "gmm_ragged_dot", "loop_row_tile",
+           "register_backend"]
+
+# A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
+# preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
+# checked shapes, cast lhs and rhs to one dtype and cast group_sizes to int32.
+Backend = Callable[[jax.Array, jax.Array, jax.Array, jnp.dtype], jax.Array]
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
+        preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+    """Grouped matmul: lhs [m, k], rhs [g, k, n], group_sizes int [g] -> [m, n].
+
+    Rows of lhs are sorted by group: rows [0, gs[0]) use rhs[0], the next gs[1] rows use rhs[1], and so on.
+    Rows at or past sum(group_sizes) produce zeros. Assumes sum(group_sizes) <= m (not checked: group_sizes
+    is usually traced). Works under jax.jit (shapes static, group_sizes traced) and is differentiable with
+    respect to lhs and rhs. The output dtype is preferred_element_type if given, else lhs.dtype; products
+    are accumulated in f32 and cast once.
+    """
+    if backend == "auto":
+        backend = default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown gmm backend {backend!r}; known backends: {sorted(BACKENDS)} (or 'auto')")
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
+    _check_shapes(lhs, rhs, group_sizes)
+    out_dtype = jnp.dtype(preferred_element_type if preferred_element_type is not None else lhs.dtype)
+    # One compute dtype for both operands, so that no backend meets a mixed-dtype dot; promotion never loses
+    # precision (bf16 with f32 computes in f32).
+    compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+    lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+    group_sizes = group_sizes.astype(jnp.int32)
+    m, n = lhs.shape[0], rhs.shape[2]
+    if m == 0 or rhs.shape[0] == 0:
+        # No rows, or no groups (then every row is past the end): the answer is all zeros.
+        return jnp.zeros((m, n), out_dtype)
+    return BACKENDS[backend](lhs, rhs, group_sizes, out_dtype)
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Add (or replace) a gmm backend: fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n].
+
+    See the `Backend` comment above for what fn may assume about its arguments.
+    """
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"backend name must be a non-empty string other than 'auto', got {name!r}")
+    if not callable(fn):
+        raise TypeError(f"backend {name!r} must be callable, got {type(fn).__name__}")
+    BACKENDS[name] = fn
+
+
+def default_backend() -> str:
+    """'loop' on CPU (ragged_dot is a g-times-too-much masked product there), 'ragged_dot' elsewhere."""
+    return "loop" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def _check_shapes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1:
+        raise ValueError(f"gmm expects lhs [m, k], rhs [g, k, n], group_sizes [g]; got lhs {lhs.shape}, "
+                         f"rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    if lhs.shape[1] != rhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
+        raise ValueError(f"gmm shape mismatch: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes "
+                         f"{group_sizes.shape} (need lhs [m, k], rhs [g, k, n], group_sizes [g])")
+    if not jnp.issubdtype(group_sizes.dtype, jnp.integer):
+        raise ValueError(f"group_sizes must be integers, got {group_sizes.dtype}")
+
+
+def _row_groups(group_sizes: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """Group id of each of the m rows (clamped into [0, g)) and whether the row belongs to any group."""
+    ends = jnp.cumsum(group_sizes)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    # The number of groups ending at or before row i is row i's group. Empty groups end where the previous
+    # one did, so they are counted and skipped correctly.
+    group = jnp.searchsorted(ends, rows, side="right", method="compare_all").astype(jnp.int32)
+    valid = rows < ends[-1]
+    return jnp.minimum(group, group_sizes.shape[0] - 1), valid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "ragged_dot"
+
+
+def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   preferred_element_type: jnp.dtype) -> jax.Array:
+    """jax.lax.ragged_dot, accumulating in f32, with rows past sum(group_sizes) masked to zero."""
+    out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
+    # XLA:CPU's lowering already zeroes rows past the last group (checked in the tests), but native GPU/TPU
+    # kernels may leave them unwritten, and the select is cheap next to the matmul.
+    _, valid = _row_groups(group_sizes, lhs.shape[0])
+    return jnp.where(valid[:, None], out, 0.0).astype(preferred_element_type)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "dense"
+
+
+def gmm_dense(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+              preferred_element_type: jnp.dtype) -> jax.Array:
+    """Reference: out[i] = sum_g [row i is in group g] * (lhs @ rhs[g])[i]. Clarity over speed."""
+    num_groups = rhs.shape[0]
+    group, valid = _row_groups(group_sizes, lhs.shape[0])
+    one_hot = (group[None, :] == jnp.arange(num_groups, dtype=jnp.int32)[:, None]) & valid[None, :]  # [g, m]
+    every_product = jnp.einsum("mk,gkn->gmn", lhs, rhs, preferred_element_type=jnp.float32)
+    # A select, not a multiply by the mask: a non-finite row past the end must still give exactly zero.
+    out = jnp.where(one_hot[:, :, None], every_product, 0.0).sum(axis=0)
+    return out.astype(preferred_element_type)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# "loop"
+#
+# Layout: each group is padded up to a multiple of the row tile T, so that every tile of T rows belongs to
+# exactly one group. At most num_tiles = (m + g * (T - 1)) // T tiles are needed (each group wastes at most
+# T - 1 padding rows). The real rows are gathered into that padded layout, a fori_loop runs over the tiles
+# that hold real rows (a traced trip count, so no time is spent on tiles that are all padding) doing
+# [T, k] @ rhs[group of tile], and the results are gathered back. Padding slots hold zeros, so they add
+# nothing to any gradient.
+
+
+class _TileLayout(NamedTuple):
+    tile: int                # T, static
+    num_tiles: int           # static upper bound on the number of tiles
+    num_used_tiles: jax.Array  # int32 scalar: tiles holding at least one real row (the loop's trip count)
+    tile_group: jax.Array    # int32 [num_tiles]: group of each tile (unused tiles clamped to g - 1)
+    slot_row: jax.Array      # int32 [num_tiles * T]: the lhs row held by each padded slot (0 for padding)
+    slot_valid: jax.Array    # bool [num_tiles * T]: whether the slot holds a real row
+    row_slot: jax.Array      # int32 [m]: the padded slot of each lhs row (0 for rows past the end)
+    row_valid: jax.Array     # bool [m]: whether the row belongs to a group
+
+
+def loop_row_tile(m: int, g: int) -> int:
+    """Row tile T for the "loop" backend: next_pow2(ceil(m / g) / 2), clamped to [8, 128].
+
+    ceil(m / g) is the mean group size. Measured on XLA:CPU (benchmarks/gmm_cpu.py): T about half the mean
+    group size balances the two costs, padding waste (up to T - 1 rows per group) and small-matmul and
+    per-iteration overhead (worse for small T). Below 8 rows a tile is mostly overhead; above 128 the
+    matmul is already efficient and more rows only add padding.
+    """
+    mean_group = max(1, -(-m // max(g, 1)))
+    tile = 1 << max(0, (mean_group // 2) - 1).bit_length()  # next power of two >= mean_group / 2
+    return int(min(max(tile, 8), 128))
+
+
+def _tile_layout(group_sizes: jax.Array, m: int, tile: int) -> _TileLayout:
+    num_groups = group_sizes.shape[0]
+    num_tiles = (m + num_groups * (tile - 1)) // tile
+    ends = jnp.cumsum(group_sizes)
+    starts = ends - group_sizes
+    tiles_per_group = (group_sizes + tile - 1) // tile
+    tile_ends = jnp.cumsum(tiles_per_group)
+    tile_starts = tile_ends - tiles_per_group
+
+    # Group of each tile: the number of groups whose tiles all end at or before it (empty groups own no tile
+    # and are skipped by the same count). Tiles past the last used one count g; clamp them to a real group
+    # so every index stays in range, and mark their slots as padding.
+    tiles = jnp.arange(num_tiles, dtype=jnp.int32)
+    raw_group = jnp.searchsorted(tile_ends, tiles, side="right", method="compare_all").astype(jnp.int32)
+    tile_group = jnp.minimum(raw_group, num_groups - 1)
+    # Offset of each slot inside its group's padded block; the slot is real when the offset is < group size.
+    offset = (tiles - tile_starts[tile_group])[:, None] * tile + jnp.arange(tile, dtype=jnp.int32)[None, :]
+    slot_valid = (raw_group < num_groups)[:, None] & (offset < group_sizes[tile_group][:, None])
+    slot_row = jnp.where(slot_valid, starts[tile_group][:, None] + offset, 0)
+
+    row_group, row_valid = _row_groups(group_sizes, m)
+    rows = jnp.arange(m, dtype=jnp.int32)
+    row_slot = jnp.where(row_valid, tile_starts[row_group] * tile + (rows - starts[row_group]), 0)
+    return _TileLayout(tile=tile, num_tiles=num_tiles, num_used_tiles=tile_ends[-1], tile_group=tile_group,
+                       slot_row=slot_row.reshape(-1), slot_valid=slot_valid.reshape(-1), row_slot=row_slot,
+                       row_valid=row_valid)
+
+
+def _to_slots(rows: jax.Array, layout: _TileLayout) -> jax.Array:
+    """[m, d] rows -> [num_tiles * T, d] padded layout, zeros in padding slots."""
+    gathered = jnp.take(rows, layout.slot_row, axis=0, mode="clip")
+    return jnp.where(layout.slot_valid[:, None], gathered, jnp.zeros((), rows.dtype))
+
+
+def _from_slots(slots: jax.Array, layout: _TileLayout) -> jax.Array:
+    """[num_tiles * T, d] padded layout -> [m, d] rows, zeros for rows past the last group."""
+    gathered = jnp.take(slots, layout.row_slot, axis=0, mode="clip")
+    return jnp.where(layout.row_valid[:, None], gathered, jnp.zeros((), slots.dtype))
+
+
+def _loop_forward(lhs: jax.Array, rhs: jax.Array, layout: _TileLayout) -> jax.Array:
+    """f32 [m, n] = grouped lhs @ rhs, by one [T, k] @ [k, n] matmul per used tile."""
+    tile = layout.tile
+    lhs_slots = _to_slots(lhs, layout)
+
+    def one_tile(t: jax.Array, out_slots: jax.Array) -> jax.Array:
+        x = jax.lax.dynamic_slice_in_dim(lhs_slots, t * tile, tile, axis=0)
+        w = jax.lax.dynamic_index_in_dim(rhs, layout.tile_group[t], axis=0, keepdims=False)  # [k, n]
+        y = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out_slots, y, t * tile, axis=0)
+
+    out_slots = jnp.zeros((layout.num_tiles * tile, rhs.shape[2]), jnp.float32)
+    out_slots = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, out_slots)
+    return _from_slots(out_slots, layout)
+
+
+def _loop_backward(lhs: jax.Array, rhs: jax.Array, d_out: jax.Array,
+                   layout: _TileLayout) -> tuple[jax.Array, jax.Array]:
+    """f32 (d_lhs [m, k], d_rhs [g, k, n]) in one pass over the used tiles.
+
+    Per tile t of group g: d_x_t = d_y_t @ rhs[g]^T, and d_rhs[g] += x_t^T @ d_y_t, accumulated in place in
+    a [g, k, n] carry. Padding slots hold zeros in both x and d_y, so they add nothing.
+    """
+    tile = layout.tile
+    lhs_slots = _to_slots(lhs, layout)
+    d_out_slots = _to_slots(d_out, layout)
+    # Transpose once here rather than inside every iteration.
+    rhs_t = jnp.swapaxes(rhs, 1, 2)  # [g, n, k]
+
+    def one_tile(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        d_lhs_slots, d_rhs = carry
+        group = layout.tile_group[t]
+        x = jax.lax.dynamic_slice_in_dim(lhs_slots, t * tile, tile, axis=0)  # [T, k]
+        dy = jax.lax.dynamic_slice_in_dim(d_out_slots, t * tile, tile, axis=0)  # [T, n]
+        w_t = jax.lax.dynamic_index_in_dim(rhs_t, group, axis=0, keepdims=False)  # [n, k]
+        dx = jnp.dot(dy, w_t, preferred_element_type=jnp.float32)
+        d_lhs_slots = jax.lax.dynamic_update_slice_in_dim(d_lhs_slots, dx, t * tile, axis=0)
+        dw = jnp.einsum("tk,tn->kn", x, dy, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_index_in_dim(d_rhs, group, axis=0, keepdims=True)  # [1, k, n]
+        d_rhs = jax.lax.dynamic_update_index_in_dim(d_rhs, old + dw[None], group, axis=0)
+        return d_lhs_slots, d_rhs
+
+    d_lhs_slots = jnp.zeros((layout.num_tiles * tile, lhs.shape[1]), jnp.float32)
+    d_rhs = jnp.zeros(rhs.shape, jnp.float32)
+    d_lhs_slots, d_rhs = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, (d_lhs_slots, d_rhs))
+    return _from_slots(d_lhs_slots, layout), d_rhs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, out_dtype: np.dtype,
+              tile: int) -> jax.Array:
+    layout = _tile_layout(group_sizes, lhs.shape[0], tile)
+    return _loop_forward(lhs, rhs, layout).astype(out_dtype)
+
+
+def _gmm_loop_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, out_dtype: np.dtype,
+                  tile: int) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    # Keep only the inputs: the layout is a few cheap integer ops to rebuild, and the padded copies of lhs
+    # would cost more memory than lhs itself.
+    return _gmm_loop(lhs, rhs, group_sizes, out_dtype, tile), (lhs, rhs, group_sizes)
+
+
+def _gmm_loop_bwd(out_dtype: np.dtype, tile: int, residuals: tuple[jax.Array, jax.Array, jax.Array],
+                  d_out: jax.Array) -> tuple[jax.Array, jax.Array, None]:
+    del out_dtype  # the cotangent already has the output dtype
+    lhs, rhs, group_sizes = residuals
+    layout = _tile_layout(group_sizes, lhs.shape[0], tile)
+    d_lhs, d_rhs = _loop_backward(lhs, rhs, d_out, layout)
+    # group_sizes is integer: no cotangent (None means zero).
+    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
+
+
+_gmm_loop.defvjp(_gmm_loop_fwd, _gmm_loop_bwd)
+
+
+def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_element_type: jnp.dtype,
+             *, tile: int | None = None) -> jax.Array:
+    """Tiled loop backend. `tile` overrides loop_row_tile(m, g) (tests and benchmarks use it).
+
+    Differentiable once (custom VJP; its backward is itself a loop with a traced trip count, so there is no
+    second derivative).
+    """
+    if tile is None:
+        tile = loop_row_tile(lhs.shape[0], rhs.shape[0])
+    if tile < 1:
+        raise ValueError(f"tile must be positive, got {tile}")
+    return _gmm_loop(lhs, rhs, group_sizes, np.dtype(preferred_element_type), int(tile))
+
+
+BACKENDS: dict[str, Backend] = {
+    "ragged_dot": gmm_ragged_dot,
+    "dense": gmm_dense,
+    "loop": gmm_loop,
+}
