@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
 from dots_jax.moe import moe_experts, route, silu
 
@@ -85,23 +86,31 @@ class Attention(nnx.Module):
         y = jnp.einsum("bsh,hnd->bsnd", x, w[...].astype(x.dtype))
         return y if b is None else y + b[...].astype(x.dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        """x [B, S, H]; mask [B, S, S] bool (True = may attend)."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        """x [B, S, H]; mask [B, S, T] bool (True = may attend). Without a cache T = S; with one, this layer's
+        cache kv ([B, T, KV, D] each) gets the new keys/values written at slot `index` and is returned."""
         dtype = x.dtype
         q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
         k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
+        if kv is not None:
+            start = (0, index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+            kv = (k, v)
 
         b, s = x.shape[:2]
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)  # head n = kv * groups + g, as repeat_kv
         # Scores in the activation dtype, then the scale; softmax in f32 and back (the reference's eager path).
-        scores = jnp.einsum("bsngd,btnd->bngst", q, k) * jnp.asarray(self.head_dim**-0.5, dtype)
+        scores = jnp.einsum("bsngd,btnd->bngst", q, k.astype(dtype)) * jnp.asarray(self.head_dim**-0.5, dtype)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(dtype).min)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-        out = jnp.einsum("bngst,btnd->bsngd", probs, v).reshape(b, s, self.num_heads, self.head_dim)
+        out = jnp.einsum("bngst,btnd->bsngd", probs, v.astype(dtype)).reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bsnd,ndh->bsh", out, self.o_proj[...].astype(dtype))
-        return y if self.o_bias is None else y + self.o_bias[...].astype(dtype)
+        return (y if self.o_bias is None else y + self.o_bias[...].astype(dtype)), kv
 
 
 class MLP(nnx.Module):
@@ -169,9 +178,12 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, axis_name="mlp", std=cfg.initializer_range,
                            param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
 def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx.Rngs) -> DecoderLayer | None:
@@ -188,19 +200,22 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: jax.Array, cos: jax.Array, sin: jax.Array,
-               positions: jax.Array, key_valid: jax.Array) -> jax.Array:
-    """Run stacked layers under one scan; `windows` [L] holds each layer's attention window."""
+               q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, cache: LayerStackCache | None,
+               index: jax.Array | None) -> tuple[jax.Array, LayerStackCache | None]:
+    """Run stacked layers under one scan; `windows` [L] holds each layer's attention window, and the cache
+    (if any) is scanned along with the parameters, each layer reading and writing its own slice."""
     if stack is None:
-        return x
+        return x, cache
     graphdef, state = nnx.split(stack)
 
-    def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, None]:
-        layer_state, window = layer_in
-        mask = make_attention_mask(positions, positions, key_valid, window)
-        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask), None
+    def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, tuple | None]:
+        layer_state, window, kv = layer_in
+        mask = make_attention_mask(q_pos, k_pos, key_valid, window)
+        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, index)
 
-    x, _ = jax.lax.scan(body, x, (state, windows))
-    return x
+    kv_in = None if cache is None else (cache.k, cache.v)
+    x, kv_out = jax.lax.scan(body, x, (state, windows, kv_in))
+    return x, None if cache is None else LayerStackCache(*kv_out)
 
 
 def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, window: jax.Array) -> jax.Array:
@@ -238,24 +253,42 @@ class Dots1ForCausalLM(nnx.Module):
         return jnp.asarray([self.cfg.layer_window(i) or NO_WINDOW for i in layers], jnp.int32)
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+                 attention_mask: jax.Array | None = None, cache: KVCache | None = None
+                 ) -> jax.Array | tuple[jax.Array, KVCache]:
         """input_ids [B, S]; positions [B, S] (default 0..S-1); attention_mask [B, S] (1 = real token,
-        0 = padding that no token may attend to; default all ones)."""
+        0 = padding that no token may attend to; default all ones).
+
+        With a KVCache the S new tokens are written at slots cache.index.. and attend to every valid slot;
+        returns (logits, updated cache). Without one returns logits.
+        """
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {input_ids.shape}")
         b, s = input_ids.shape
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        key_valid = jnp.ones((b, s), jnp.bool_) if attention_mask is None else jnp.asarray(attention_mask) != 0
+            start = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+        valid = jnp.ones((b, s), jnp.bool_) if attention_mask is None else jnp.asarray(attention_mask) != 0
+        if cache is None:
+            k_pos, key_valid, index = positions, valid, None
+        else:
+            index = cache.index
+            k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, index))
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
 
         x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
-        x = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, key_valid)
-        x = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, key_valid)
+        x, dense_cache = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
+                                    key_valid, None if cache is None else cache.dense, index)
+        x, moe_cache = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos, key_valid,
+                                  None if cache is None else cache.moe, index)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return x @ head.astype(dtype)
+        logits = x @ head.astype(dtype)
+        if cache is None:
+            return logits
+        return logits, KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid,
+                               index=index + s)
