@@ -20,6 +20,7 @@ _HF_DEFAULTS: dict[str, Any] = {
     "moe_intermediate_size": 1408,
     "num_hidden_layers": 62,
     "num_attention_heads": 32,
+    "num_key_value_heads": 32,  # only an explicit null means "same as num_attention_heads"
     "n_group": 1,
     "topk_group": 1,
     "first_k_dense_replace": 0,
@@ -199,6 +200,7 @@ class Dots1Config:
                                   f"by num_attention_heads={heads} and no head_dim is given")
             head_dim = hidden // heads
 
+        kv_heads = raw.get("num_key_value_heads", _HF_DEFAULTS["num_key_value_heads"])
         num_layers = get("num_hidden_layers")
         sliding_window = raw.get("sliding_window", _HF_DEFAULTS["sliding_window"])
         layer_types = raw.get("layer_types")
@@ -218,7 +220,7 @@ class Dots1Config:
             moe_intermediate_size=get("moe_intermediate_size"),
             num_hidden_layers=num_layers,
             num_attention_heads=heads,
-            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            num_key_value_heads=heads if kv_heads is None else kv_heads,
             head_dim=head_dim,
             n_routed_experts=raw["n_routed_experts"],
             num_experts_per_tok=raw["num_experts_per_tok"],
