@@ -78,8 +78,10 @@ def make_fns(matmul: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], lhs
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gmm_cpu.json")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "gmm_cpu.json")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=3.0, help="stop timing a cell after this long")
     parser.add_argument("--shapes", nargs="*", default=[s[0] for s in SHAPES],

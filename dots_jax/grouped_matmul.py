@@ -160,16 +160,18 @@ class _TileLayout(NamedTuple):
 
 
 def loop_row_tile(m: int, g: int) -> int:
-    """Row tile T for the "loop" backend: next_pow2(ceil(m / g) / 2), clamped to [8, 128].
+    """Row tile T for the "loop" backend: next_pow2(ceil(mean group size / 2)), clamped to [16, 64].
 
-    ceil(m / g) is the mean group size. Measured on XLA:CPU (benchmarks/gmm_cpu.py): T about half the mean
-    group size balances the two costs, padding waste (up to T - 1 rows per group) and small-matmul and
-    per-iteration overhead (worse for small T). Below 8 rows a tile is mostly overhead; above 128 the
-    matmul is already efficient and more rows only add padding.
+    Chosen by measurement on XLA:CPU (2 cores; benchmarks/gmm_cpu.py --tile-sweep 8 16 32 64 128). Two costs
+    pull against each other: padding (each group wastes up to T - 1 rows, so T far above the mean group size
+    multiplies the work) and per-tile cost (loop step, copying rhs[g], small-matmul inefficiency, so tiny T
+    is slow). About half the mean group size was best or within noise of best at every shape tried; T = 8
+    never beat 16, and T = 128 never beat 64, even with groups of ~200 rows.
     """
-    mean_group = max(1, -(-m // max(g, 1)))
-    tile = 1 << max(0, (mean_group // 2) - 1).bit_length()  # next power of two >= mean_group / 2
-    return int(min(max(tile, 8), 128))
+    mean_group = -(-m // max(g, 1))
+    half_mean = max(1, -(-mean_group // 2))
+    tile = 1 << (half_mean - 1).bit_length()  # the smallest power of two >= half_mean
+    return int(min(max(tile, 16), 64))
 
 
 def _tile_layout(group_sizes: jax.Array, m: int, tile: int) -> _TileLayout:
@@ -233,21 +235,22 @@ def _loop_backward(lhs: jax.Array, rhs: jax.Array, d_out: jax.Array,
     """f32 (d_lhs [m, k], d_rhs [g, k, n]) in one pass over the used tiles.
 
     Per tile t of group g: d_x_t = d_y_t @ rhs[g]^T, and d_rhs[g] += x_t^T @ d_y_t, accumulated in place in
-    a [g, k, n] carry. Padding slots hold zeros in both x and d_y, so they add nothing.
+    a [g, k, n] carry (read-add-write of one [k, n] slice, never a full-size temporary). Padding slots hold
+    zeros in both x and d_y, so they add nothing; tiles past the used ones are never visited.
     """
     tile = layout.tile
     lhs_slots = _to_slots(lhs, layout)
     d_out_slots = _to_slots(d_out, layout)
-    # Transpose once here rather than inside every iteration.
-    rhs_t = jnp.swapaxes(rhs, 1, 2)  # [g, n, k]
 
     def one_tile(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
         d_lhs_slots, d_rhs = carry
         group = layout.tile_group[t]
         x = jax.lax.dynamic_slice_in_dim(lhs_slots, t * tile, tile, axis=0)  # [T, k]
         dy = jax.lax.dynamic_slice_in_dim(d_out_slots, t * tile, tile, axis=0)  # [T, n]
-        w_t = jax.lax.dynamic_index_in_dim(rhs_t, group, axis=0, keepdims=False)  # [n, k]
-        dx = jnp.dot(dy, w_t, preferred_element_type=jnp.float32)
+        w = jax.lax.dynamic_index_in_dim(rhs, group, axis=0, keepdims=False)  # [k, n]
+        # Contract over n directly. Materializing rhs^T ([g, n, k]) up front measured slower on XLA:CPU:
+        # the full transpose costs more than the per-tile transposed-operand matmuls it saves.
+        dx = jnp.einsum("tn,kn->tk", dy, w, preferred_element_type=jnp.float32)
         d_lhs_slots = jax.lax.dynamic_update_slice_in_dim(d_lhs_slots, dx, t * tile, axis=0)
         dw = jnp.einsum("tk,tn->kn", x, dy, preferred_element_type=jnp.float32)
         old = jax.lax.dynamic_index_in_dim(d_rhs, group, axis=0, keepdims=True)  # [1, k, n]

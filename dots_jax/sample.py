@@ -1,68 +1,301 @@
-"""`python -m dots_jax.sample`: for now, one forward pass (text generation comes with the generation issue).
+"""`python -m dots_jax.sample`: generate text with a dots1 model and print it as it comes.
 
-With no --model it builds the tiny random model of configs/tiny.json; with --model it loads an HF dots1
-checkpoint (local directory or repo id). It prints the logits' shape and the greedy next token at each position.
+  python -m dots_jax.sample --model rednote-hilab/dots.llm1.inst --chat --prompt "Why is the sky blue?"
+  python -m dots_jax.sample --model ./my-checkpoint --prompt "Once upon a time" --temperature 0.7 --top-p 0.9
+  echo "Translate to French: good morning" | python -m dots_jax.sample --model ./my-checkpoint --chat --prompt -
+
+With one prompt the completion streams to stdout token by token; with several, each completion is printed at the
+end under a label. stdout carries only the generated text (special tokens left out); loading notes and the timing
+line (time to first token, tokens/s) go to stderr. Bad input prints one `error: ...` line and exits with 2.
+
+Without --model there is no real model yet (the embedded demo model is still to come): the tiny random model of
+configs/tiny.json generates a few token ids, to show that the program runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jinja2
 import numpy as np
 from flax import nnx
 
-from dots_jax.config import preset
-from dots_jax.hf_weights import from_pretrained
+from dots_jax.config import ConfigError, Dots1Config, preset
+from dots_jax.generate import GenerateOutput, generate
+from dots_jax.grouped_matmul import BACKENDS
+from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
 from dots_jax.model import Dots1ForCausalLM
+from dots_jax.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DEFAULT_MAX_NEW_TOKENS = 128
+DEMO_MAX_NEW_TOKENS = 8  # the random model's output means nothing: a few ids show that generation runs
+DEMO_PROMPT_IDS = [1, 2, 3, 4, 5, 6, 7, 8]
+END_OF_RESPONSE = "<|endofresponse|>"  # where a dots1 chat turn ends (docs/dots1-reference.md)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dots_jax.sample", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="HF dots1 checkpoint: a local directory or a repo id. Default: the tiny "
-                                        "random model of configs/tiny.json (no text generation yet).")
-    parser.add_argument("--ids", default="1,2,3,4,5,6,7,8",
-                        help="comma-separated input token ids (tokenizers arrive with the generation issue)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="activation and weight dtype")
-    parser.add_argument("--moe-backend", default="auto", help="grouped-matmul backend: auto, loop, ragged_dot, dense")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tiny model")
-    args = parser.parse_args(argv)
+class UserError(Exception):
+    """Bad input from the command line: reported as one `error: ...` line and exit code 2, no traceback."""
 
-    dtype = DTYPES[args.dtype]
+
+class _Parser(argparse.ArgumentParser):
+    # argparse prints the usage and exits by itself; we want the same single `error:` line as every other
+    # user error, and main() to return 2 rather than raise SystemExit.
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m dots_jax.sample", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", metavar="PATH_OR_REPO",
+                        help="dots1 checkpoint in HF format: a local directory (config.json, *.safetensors and "
+                             "tokenizer.json or tokenizer.model) or a Hugging Face repo id such as "
+                             "rednote-hilab/dots.llm1.inst (downloaded into the HF cache; HF_HUB_OFFLINE=1 keeps "
+                             "to the cache). Default: the tiny random model of configs/tiny.json, which prints "
+                             "token ids, not text.")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="prompt text; repeat for a batch of prompts. '-' reads the prompt from stdin. "
+                             "Required with --model.")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message in the checkpoint's chat template "
+                             "(tokenizer_config.json / chat_template.jinja; without one the dots1 format "
+                             "<|system|>...<|endofsystem|><|userprompt|>...<|endofuserprompt|><|response|>), and "
+                             "also stop at <|endofresponse|>")
+    parser.add_argument("--system", metavar="TEXT",
+                        help="system message for --chat (default: the template's, for dots1 "
+                             "'You are a helpful assistant.')")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                        help=f"most tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS}; "
+                             f"{DEMO_MAX_NEW_TOKENS} for the random model); generation also stops at the "
+                             "end-of-sequence token")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature, >= 0; 0 (the default) is greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="sample only among the K most likely tokens; 0 (default) is off")
+    parser.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                        help="nucleus sampling: the smallest set of tokens whose probability reaches P, in (0, 1]; "
+                             "1 (default) is off")
+    parser.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                        help="drop tokens less likely than P times the most likely one, in [0, 1]; 0 (default) "
+                             "is off")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the sampling (and of the random model's weights); default 0")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                        help="dtype of the weights and activations (default float32; the router stays float32)")
+    parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                        help="grouped-matmul implementation of the routed experts; auto (default) picks the "
+                             "best for the device")
+    parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                        help="device mesh for sharding, e.g. expert=8. Not available yet: sharding arrives with "
+                             "the scale issue, so giving --mesh is an error (exit 2) for now.")
+    parser.add_argument("--show-ids", action="store_true",
+                        help="after the text, also print the prompt and generated token ids")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- arguments
+def check_args(args: argparse.Namespace) -> None:
+    """Reject out-of-range values up front, naming the option (the checks are written so that NaN fails)."""
+    if args.mesh is not None:
+        raise UserError(f"--mesh {args.mesh}: sharding arrives with the scale issue; run without --mesh for now")
+    if args.max_new_tokens is not None and not args.max_new_tokens >= 1:
+        raise UserError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not args.top_k >= 0:
+        raise UserError(f"--top-k must be an integer >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1] (1 = off), got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise UserError(f"--min-p must lie in [0, 1] (0 = off), got {args.min_p}")
+    if args.system is not None and not args.chat:
+        raise UserError("--system only applies with --chat")
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The --prompt values, '-' replaced by stdin (one trailing newline dropped, as `echo` adds one)."""
+    prompts = []
+    for prompt in args.prompt or []:
+        if prompt == "-":
+            prompt = sys.stdin.read().removesuffix("\n")
+            if prompt == "":
+                raise UserError("--prompt -: read an empty prompt from stdin")
+        if prompt == "":
+            raise UserError("--prompt is empty: give some text")
+        prompts.append(prompt)
+    return prompts
+
+
+# -------------------------------------------------------------------------------------------- loading
+@dataclass
+class Checkpoint:
+    directory: Path
+    cfg: Dots1Config
+    tokenizer: Tokenizer
+    stop_token_ids: set[int]
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Find the checkpoint and read its config and tokenizer (cheap), before any weights are read."""
     try:
-        ids = np.asarray([[int(t) for t in args.ids.split(",")]], np.int32)
-    except ValueError:
-        parser.error(f"--ids must be comma-separated integers, got {args.ids!r}")
+        directory = resolve(model)
+        cfg = Dots1Config.from_hf(directory)
+        tokenizer = Tokenizer.from_dir(directory)
+    except (CheckpointError, ConfigError, ValueError, OSError) as e:  # OSError: missing files, hub errors
+        raise UserError(f"--model {model}: {e}") from None
+    stops = set(cfg.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    # transformers' generate stops at generation_config.json's eos ids: so do we.
+    generation_config = directory / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        stops.update([eos] if isinstance(eos, int) else eos or [])
+    return Checkpoint(directory, cfg, tokenizer, stops)
+
+
+def encode_prompts(prompts: Sequence[str], checkpoint: Checkpoint, args: argparse.Namespace,
+                   max_new_tokens: int) -> list[list[int]]:
+    tokenizer, context = checkpoint.tokenizer, checkpoint.cfg.max_position_embeddings
+    batch = []
+    for prompt in prompts:
+        if args.chat:
+            messages = [{"role": "user", "content": prompt}]
+            if args.system is not None:
+                messages.insert(0, {"role": "system", "content": args.system})
+            # The template writes any BOS itself, so the tokenizer adds nothing.
+            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        else:
+            ids = tokenizer.encode(prompt, add_special_tokens=True)
+        if not ids:
+            raise UserError(f"--prompt {prompt!r} encodes to no tokens")
+        if max(ids) >= checkpoint.cfg.vocab_size:
+            raise UserError(f"--prompt encodes to token id {max(ids)}, outside the model's vocabulary of "
+                            f"{checkpoint.cfg.vocab_size}: the checkpoint's tokenizer does not fit its model")
+        if len(ids) + max_new_tokens > context:
+            raise UserError(f"--prompt has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds "
+                            f"the model's context of {context} tokens (max_position_embeddings): shorten the "
+                            "prompt or lower --max-new-tokens")
+        batch.append(ids)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------- generation
+class Progress:
+    """generate()'s on_tokens callback: notes when the first token arrives and, with a StreamDecoder, prints
+    the text of row 0 as it becomes complete."""
+
+    def __init__(self, stream: StreamDecoder | None = None):
+        self.stream = stream
+        self.first_token_time: float | None = None
+        self.was_active: np.ndarray | None = None
+
+    def __call__(self, step: int, tokens: np.ndarray, active: np.ndarray) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        # `active` is after this step: a row that stopped here still produced this step's (stop) token.
+        if self.stream is not None and (self.was_active is None or self.was_active[0]):
+            print(self.stream.put(int(tokens[0])), end="", flush=True)
+        self.was_active = np.array(active, copy=True)
+
+
+def timing_line(start: float, progress: Progress, end: float, output: GenerateOutput) -> str:
+    total = sum(len(t) for t in output.tokens)
+    first = progress.first_token_time or end
+    line = (f"time to first token {first - start:.2f} s (includes compilation on first use); {total} new tokens in "
+            f"{end - start:.2f} s, {total / max(end - start, 1e-9):.1f} tokens/s overall")
+    after_first = total - len(output.tokens)  # each row's first token came from the prefill
+    if after_first > 0 and end > first:
+        line += f", {after_first / (end - first):.1f} tokens/s after the first"
+    return line
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
+
+
+def run_model(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args)
+    if not prompts:
+        raise UserError("--model needs at least one --prompt (use --prompt - to read it from stdin)")
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    checkpoint = open_checkpoint(args.model)
+    batch = encode_prompts(prompts, checkpoint, args, max_new_tokens)
+    stops = set(checkpoint.stop_token_ids)
+    if args.chat and checkpoint.tokenizer.token_to_id(END_OF_RESPONSE) is not None:
+        stops.add(checkpoint.tokenizer.token_to_id(END_OF_RESPONSE))
 
     start = time.perf_counter()
-    if args.model:
-        model = from_pretrained(args.model, dtype=dtype, moe_backend=args.moe_backend)
-        source = args.model
+    model = from_pretrained(checkpoint.directory, dtype=DTYPES[args.dtype], moe_backend=args.moe_backend,
+                            progress=sys.stderr.isatty())
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
+          file=sys.stderr)
+
+    tokenizer = checkpoint.tokenizer
+    progress = Progress(StreamDecoder(tokenizer, skip_special_tokens=True) if len(batch) == 1 else None)
+    start = time.perf_counter()
+    output = generate(model, batch, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stops),
+                      on_tokens=progress, **sampling_kwargs(args))
+    end = time.perf_counter()
+
+    if progress.stream is not None:
+        print(progress.stream.flush())
     else:
-        cfg = preset("tiny")
-        model = Dots1ForCausalLM(cfg, dtype=dtype, moe_backend=args.moe_backend, rngs=nnx.Rngs(args.seed))
-        source = "configs/tiny.json (random weights)"
-    if ids.max() >= model.cfg.vocab_size or ids.min() < 0:
-        parser.error(f"--ids must lie in [0, {model.cfg.vocab_size}) for this model")
-    loaded = time.perf_counter()
-
-    logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids))
-    logits.block_until_ready()
-    done = time.perf_counter()
-
-    print(f"model: {source} on {jax.devices()[0].platform}")
-    print(f"input ids:          {ids[0].tolist()}")
-    print(f"logits:             shape {tuple(logits.shape)}, dtype {logits.dtype}")
-    print(f"greedy next tokens: {np.asarray(jnp.argmax(logits[0], axis=-1)).tolist()}")
-    print("note: one forward pass only; text generation arrives with the generation issue.")
-    print(f"load {loaded - start:.2f}s, compile+forward {done - loaded:.2f}s", file=sys.stderr)
+        for i, (prompt, tokens) in enumerate(zip(prompts, output.tokens, strict=True), 1):
+            print(f"=== [{i}] {prompt!r}")
+            print(tokenizer.decode(tokens, skip_special_tokens=True))
+    if args.show_ids:
+        for i, (prompt_ids, tokens) in enumerate(zip(batch, output.tokens, strict=True), 1):
+            print(f"[{i}] prompt ids: {prompt_ids}")
+            print(f"[{i}] generated ids: {tokens}")
+    print(timing_line(start, progress, end, output), file=sys.stderr)
     return 0
+
+
+def run_random_demo(args: argparse.Namespace) -> int:
+    """No --model: the tiny random model of configs/tiny.json generates token ids (there is no tokenizer)."""
+    max_new_tokens = args.max_new_tokens or DEMO_MAX_NEW_TOKENS
+    ignored = [name for name, given in (("--prompt", args.prompt), ("--chat", args.chat)) if given]
+    print("note: no --model given, so this runs the tiny RANDOM model of configs/tiny.json: random weights and no "
+          "tokenizer, so it prints token ids, not text. For real text pass --model with a dots1 checkpoint "
+          "(an HF repo id such as rednote-hilab/dots.llm1.inst, or a local HF directory).")
+    if ignored:
+        print(f"note: {' and '.join(ignored)} ignored without --model")
+
+    start = time.perf_counter()
+    model = Dots1ForCausalLM(preset("tiny"), dtype=DTYPES[args.dtype], moe_backend=args.moe_backend,
+                             rngs=nnx.Rngs(args.seed))
+    print(f"built the random model in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
+          file=sys.stderr)
+    progress = Progress()
+    start = time.perf_counter()
+    output = generate(model, DEMO_PROMPT_IDS, max_new_tokens=max_new_tokens, on_tokens=progress,
+                      **sampling_kwargs(args))
+    end = time.perf_counter()
+    print(f"prompt ids:    {DEMO_PROMPT_IDS}")
+    print(f"generated ids: {output.tokens[0]}")
+    print(timing_line(start, progress, end, output), file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        check_args(args)
+        return run_model(args) if args.model else run_random_demo(args)
+    except (UserError, CheckpointError, ConfigError, ValueError, jinja2.TemplateError) as e:
+        # One line, whatever the message: the library's messages name the file, field or argument at fault.
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def test_head_dim_derived_or_explicit():
     dict(num_hidden_layers=64, max_window_layers=60),
 ], ids=lambda e: "-".join(f"{k}={v}" if k != "layer_types" else "explicit" for k, v in e.items()))
 def test_layer_types_match_transformers(extra):
-    raw = {**REQUIRED, "hidden_size": 64, "num_attention_heads": 4, **extra}
+    raw = {**REQUIRED, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4, **extra}
     hf = transformers.Dots1Config.from_dict(raw)
     cfg = Dots1Config.from_hf(raw)
     assert cfg.layer_types == tuple(hf.layer_types)
