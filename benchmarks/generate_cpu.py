@@ -1,0 +1,158 @@
+"""Generation throughput: dots_jax vs transformers (PyTorch) on the same random dots1-shaped weights, one run.
+
+For each config: greedy tokens must agree; then prefill tokens/s (one 512-token prompt), decode tokens/s at
+batch 1 and 8, the ratios (ours / reference), and the batch-1 memory-bandwidth floor: the bytes of the weights
+one decode step must read (attention, dense/shared MLPs, the chosen experts, the head) / the machine's measured
+copy bandwidth, and our fraction of it. Prints a table and writes JSON.
+
+    python benchmarks/generate_cpu.py [--configs small,large] [--out benchmarks/results/generate_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import hf_config, hf_model, save  # noqa: E402
+
+import dots_jax  # noqa: E402
+from dots_jax.generate import generate  # noqa: E402
+
+CONFIGS = {
+    # ~90M parameters: hidden 512, 6 layers, 32 experts, top-6, 2 shared.
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, moe_intermediate_size=176,
+                  num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32,
+                  num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5),
+    # ~420M parameters: hidden 1024, 8 layers, 64 experts, top-6, 2 shared.
+    "large": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=352,
+                  num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+                  num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5),
+}
+PREFILL_TOKENS = 512
+DECODE_TOKENS = 32
+
+
+def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes/s of a large memory copy (read + write counted), the best of a few runs."""
+    src = np.ones(nbytes // 8, np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def active_weight_bytes(cfg: transformers.Dots1Config, itemsize: int = 4) -> int:
+    """Weights one token reads: every non-expert weight, top-k routed experts per MoE layer, one embedding row."""
+    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
+    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
+    expert = 3 * h * cfg.moe_intermediate_size
+    dense_layers = cfg.first_k_dense_replace
+    moe_layers = cfg.num_hidden_layers - dense_layers
+    params = (cfg.num_hidden_layers * attn + dense_layers * 3 * h * cfg.intermediate_size
+              + moe_layers * (h * cfg.n_routed_experts + cfg.num_experts_per_tok * expert
+                              + cfg.n_shared_experts * expert) + cfg.vocab_size * h + h)
+    return params * itemsize
+
+
+def timed(fn, repeats: int = 2) -> float:
+    fn()  # warm-up: compile / first-call overheads excluded
+    return min(_once(fn) for _ in range(repeats))
+
+
+def _once(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_config(name: str, overrides: dict, bandwidth: float) -> dict:
+    cfg = hf_config(**overrides, max_position_embeddings=2048)
+    ref = hf_model(cfg, bias_std=0.01)
+    params = sum(p.numel() for p in ref.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = dots_jax.from_pretrained(save(ref, Path(tmp) / name), dtype=jnp.float32, progress=False)
+    rng = np.random.default_rng(0)
+    row = {"config": name, "params_M": round(params / 1e6, 1)}
+
+    # Same greedy tokens (the speed of a wrong answer is worth nothing).
+    prompt = rng.integers(0, cfg.vocab_size, size=(1, 24)).tolist()
+    mine = generate(ours, prompt, max_new_tokens=16, stop_token_ids=[]).tokens[0]
+    with torch.no_grad():
+        theirs = ref.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 24:]
+    row["greedy_tokens_equal"] = mine == theirs.tolist()
+
+    long_prompt = rng.integers(0, cfg.vocab_size, size=(1, PREFILL_TOKENS)).tolist()
+    ours_prefill = timed(lambda: generate(ours, long_prompt, max_new_tokens=1, stop_token_ids=[]))
+    with torch.no_grad():
+        ref_prefill = timed(lambda: ref(torch.tensor(long_prompt)))
+    row["prefill_tok_s"] = {"ours": PREFILL_TOKENS / ours_prefill, "ref": PREFILL_TOKENS / ref_prefill}
+
+    for batch in (1, 8):
+        prompts = rng.integers(0, cfg.vocab_size, size=(batch, 16)).tolist()
+        # Decode time = (prefill + N tokens) - (prefill + 1 token), so the prompt does not count.
+        t_ours = (timed(lambda p=prompts: generate(ours, p, max_new_tokens=DECODE_TOKENS + 1, stop_token_ids=[]))
+                  - timed(lambda p=prompts: generate(ours, p, max_new_tokens=1, stop_token_ids=[])))
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            def hf_gen(n: int):
+                return lambda: ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            t_ref = timed(hf_gen(DECODE_TOKENS + 1)) - timed(hf_gen(1))
+        row[f"decode_b{batch}_tok_s"] = {"ours": batch * DECODE_TOKENS / t_ours, "ref": batch * DECODE_TOKENS / t_ref}
+
+    floor = bandwidth / active_weight_bytes(cfg)
+    row["decode_b1_floor_tok_s"] = floor
+    row["decode_b1_fraction_of_floor"] = row["decode_b1_tok_s"]["ours"] / floor
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="small,large")
+    parser.add_argument("--out", default="benchmarks/results/generate_cpu.json")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    bandwidth = copy_bandwidth()
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+               "transformers": transformers.__version__, "copy_bandwidth_GB_s": bandwidth / 1e9,
+               "device": str(jax.devices()[0])}
+    rows = [bench_config(name, CONFIGS[name], bandwidth) for name in args.configs.split(",")]
+
+    print(f"machine: {machine['processor']}, {machine['cpus']} cpus, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    header = f"{'config':8} {'params':>7} {'same':>5} {'phase':>10} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        for phase in ("prefill", "decode_b1", "decode_b8"):
+            r = row[f"{phase}_tok_s"]
+            print(f"{row['config']:8} {row['params_M']:>6}M {row['greedy_tokens_equal']!s:>5} {phase:>10} "
+                  f"{r['ours']:>11.1f} {r['ref']:>10.1f} {r['ours'] / r['ref']:>6.2f}")
+        print(f"{'':8} batch-1 bandwidth floor {row['decode_b1_floor_tok_s']:.1f} tok/s; "
+              f"ours = {100 * row['decode_b1_fraction_of_floor']:.0f}% of it")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
