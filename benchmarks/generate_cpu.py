@@ -110,7 +110,7 @@ def bench_config(name: str, overrides: dict, bandwidth: float) -> dict:
                   - timed(lambda p=prompts: generate(ours, p, max_new_tokens=1, stop_token_ids=[])))
         ids = torch.tensor(prompts)
         with torch.no_grad():
-            def hf_gen(n: int):
+            def hf_gen(n: int, ids: torch.Tensor = ids):
                 return lambda: ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             t_ref = timed(hf_gen(DECODE_TOKENS + 1)) - timed(hf_gen(1))
         row[f"decode_b{batch}_tok_s"] = {"ours": batch * DECODE_TOKENS / t_ours, "ref": batch * DECODE_TOKENS / t_ref}

@@ -29,7 +29,7 @@ from dots_jax.safetensors_io import SafetensorsFile
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 HF_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer*",
-                    "vocab.json", "merges.txt", "special_tokens_map.json"]
+                    "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"]
 
 
 class CheckpointError(ValueError):

@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "Required with --model.")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message in the checkpoint's chat template "
-                             "(tokenizer_config.json / chat_template.jinja; without one the dots1 format "
-                             "<|system|>...<|endofsystem|><|userprompt|>...<|endofuserprompt|><|response|>), and "
-                             "also stop at <|endofresponse|>")
+                             "(tokenizer_config.json or chat_template.jinja; without one, the dots1 format "
+                             "<|system|>..<|endofsystem|> <|userprompt|>..<|endofuserprompt|> <|response|>, "
+                             "written without the spaces), and also stop at <|endofresponse|>")
     parser.add_argument("--system", metavar="TEXT",
                         help="system message for --chat (default: the template's, for dots1 "
                              "'You are a helpful assistant.')")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"most tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS}; "
                              f"{DEMO_MAX_NEW_TOKENS} for the random model); generation also stops at the "
                              "end-of-sequence token")
-    parser.add_argument("--temperature", type=float, default=0.0,
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="sampling temperature, >= 0; 0 (the default) is greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
                         help="sample only among the K most likely tokens; 0 (default) is off")
@@ -87,13 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-p", type=float, default=0.0, metavar="P",
                         help="drop tokens less likely than P times the most likely one, in [0, 1]; 0 (default) "
                              "is off")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed of the sampling (and of the random model's weights); default 0")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="dtype of the weights and activations (default float32; the router stays float32)")
+                        help="dtype of the weights and activations (default float32)")
     parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
-                        help="grouped-matmul implementation of the routed experts; auto (default) picks the "
-                             "best for the device")
+                        help="grouped-matmul implementation of the routed experts; auto (default) lets "
+                             "dots_jax.grouped_matmul choose for the device")
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="device mesh for sharding, e.g. expert=8. Not available yet: sharding arrives with "
                              "the scale issue, so giving --mesh is an error (exit 2) for now.")
@@ -151,7 +151,8 @@ def open_checkpoint(model: str) -> Checkpoint:
         cfg = Dots1Config.from_hf(directory)
         tokenizer = Tokenizer.from_dir(directory)
     except (CheckpointError, ConfigError, ValueError, OSError) as e:  # OSError: missing files, hub errors
-        raise UserError(f"--model {model}: {e}") from None
+        # Most messages already name the path; hub errors do not.
+        raise UserError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}") from None
     stops = set(cfg.eos_token_id)
     if tokenizer.eos_token_id is not None:
         stops.add(tokenizer.eos_token_id)
@@ -211,12 +212,12 @@ class Progress:
 def timing_line(start: float, progress: Progress, end: float, output: GenerateOutput) -> str:
     total = sum(len(t) for t in output.tokens)
     first = progress.first_token_time or end
-    line = (f"time to first token {first - start:.2f} s (includes compilation on first use); {total} new tokens in "
-            f"{end - start:.2f} s, {total / max(end - start, 1e-9):.1f} tokens/s overall")
+    line = (f"time to first token {first - start:.2f} s; {total} new tokens in {end - start:.2f} s: "
+            f"{total / max(end - start, 1e-9):.1f} tokens/s overall")
     after_first = total - len(output.tokens)  # each row's first token came from the prefill
     if after_first > 0 and end > first:
         line += f", {after_first / (end - first):.1f} tokens/s after the first"
-    return line
+    return line + " (a first run of a shape includes JIT compilation)"
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
@@ -251,7 +252,8 @@ def run_model(args: argparse.Namespace) -> int:
         print(progress.stream.flush())
     else:
         for i, (prompt, tokens) in enumerate(zip(prompts, output.tokens, strict=True), 1):
-            print(f"=== [{i}] {prompt!r}")
+            label = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+            print(f"=== [{i}] {label!r}")
             print(tokenizer.decode(tokens, skip_special_tokens=True))
     if args.show_ids:
         for i, (prompt_ids, tokens) in enumerate(zip(batch, output.tokens, strict=True), 1):
