@@ -14,8 +14,8 @@ Backends (all take the same arguments and agree to float rounding):
                 Slow and memory hungry ([g, m, n] intermediate); for tests and small problems.
   "loop"        the fast one on CPU: pads each group to a multiple of a row tile, then loops over the tiles
                 that hold real rows, one small [T, k] @ [k, n] matmul each, with a hand-written backward.
-  "gather"      one weight matrix gathered per row: reads only the chosen groups; best for decode (m <= g).
-"auto" picks default_backend(m, g): on CPU "gather" when m <= g, else "loop"; "ragged_dot" elsewhere.
+  "gather"      one weight matrix gathered per row: reads only the chosen groups; best for decode (2m <= g).
+"auto" picks default_backend(m, g): on CPU "gather" when 2m <= g, else "loop"; "ragged_dot" elsewhere.
 
 register_backend() adds a backend (for example a Pallas kernel) without touching any caller.
 All backends accumulate in f32 and cast once to the output dtype.
@@ -84,10 +84,11 @@ def register_backend(name: str, fn: Backend) -> None:
 
 def default_backend(m: int | None = None, g: int | None = None) -> str:
     """'ragged_dot' off CPU. On CPU (where ragged_dot is a g-times-too-much masked product): 'gather' for
-    decode-sized problems (m <= g rows: it reads only the chosen experts' weights), else 'loop'."""
+    decode-sized problems (2m <= g rows: it reads only the chosen experts' weights; measured, it loses to
+    'loop' from about m = g on, see benchmarks/gmm_cpu.py), else 'loop'."""
     if jax.default_backend() != "cpu":
         return "ragged_dot"
-    return "gather" if m is not None and g is not None and m <= g else "loop"
+    return "gather" if m is not None and g is not None and 2 * m <= g else "loop"
 
 
 def _check_shapes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:
