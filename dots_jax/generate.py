@@ -135,13 +135,16 @@ def generate(
     sampling = SamplingParams(temperature, top_k, top_p, min_p)
     cfg = model.cfg
     batch_ids = _as_token_lists(prompts, tokenizer)
+    if not batch_ids:
+        raise ValueError("prompts is empty: give at least one prompt")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     for i, ids in enumerate(batch_ids):
         if not ids:
             raise ValueError(f"prompts[{i}] is empty: give at least one token")
         if min(ids) < 0 or max(ids) >= cfg.vocab_size:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {cfg.vocab_size})")
+            bad = next(t for t in ids if not 0 <= t < cfg.vocab_size)
+            raise ValueError(f"prompts[{i}] has token id {bad} outside the vocabulary [0, {cfg.vocab_size})")
         if len(ids) + max_new_tokens > cfg.max_position_embeddings:
             raise ValueError(f"prompts[{i}] has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that "
                              f"exceeds the model's context of {cfg.max_position_embeddings} "
