@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -64,3 +65,16 @@ def random_ids(vocab: int, batch: int, seq: int, seed: int = 0) -> np.ndarray:
 def tiny_checkpoint(tmp_path: Path) -> tuple[Path, transformers.Dots1ForCausalLM]:
     model = hf_model(hf_config(), bias_std=0.05)
     return save(model, tmp_path / "tiny"), model
+
+
+@contextlib.contextmanager
+def torch_one_thread():
+    """The reference on one thread: next to JAX's CPU thread pool, torch's default intra-op threads can make
+    a tiny forward 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        torch.set_num_threads(threads)

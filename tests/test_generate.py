@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config, hf_model, save
+from conftest import hf_config, hf_model, save, torch_one_thread
 from flax import nnx
 
 import dots_jax
@@ -45,19 +44,6 @@ def pair(request, tmp_path_factory):
 def _prompts(vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [rng.integers(1, vocab, size=n).tolist() for n in PROMPT_LENGTHS]
-
-
-@contextlib.contextmanager
-def _torch_one_thread():
-    """The reference on one thread: next to JAX's CPU thread pool, torch's default intra-op threads can make
-    a tiny forward 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -102,7 +88,7 @@ def test_cached_decode_matches_full_forward(pair):
     for i, row in enumerate(rows):
         n = len(prompts[i])
         cached = np.concatenate([prefill[i, :n], decoded[i]])  # logits at positions 0 .. n + steps - 1
-        with _torch_one_thread():
+        with torch_one_thread():
             oracle = ref(torch.from_numpy(row[None]).long()).logits[0].double().numpy()
         assert _rel_err(cached, oracle) <= 1e-4, (name, i)
 
@@ -117,7 +103,7 @@ def _hf_greedy(ref, prompts: list[list[int]], eos: int | None) -> list[list[int]
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     ref.generation_config.eos_token_id = None
-    with _torch_one_thread():
+    with torch_one_thread():
         out = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=0,
                            pad_token_id=0, eos_token_id=eos)
     rows = []

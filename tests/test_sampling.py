@@ -3,7 +3,6 @@ distribution against softmax (chi-square), seeds, and temperature 0 as greedy de
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import jax
@@ -11,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import hf_config, hf_model, save
+from conftest import hf_config, hf_model, save, torch_one_thread
 from scipy.stats import chisquare
 
 import dots_jax
@@ -188,19 +187,6 @@ def test_temperature_zero_is_argmax_whatever_the_filters_and_key():
 
 
 # ------------------------------------------------------------------------------------------ through generate()
-@contextlib.contextmanager
-def _torch_one_thread():
-    """The reference on one thread: next to JAX's CPU thread pool, torch's default intra-op threads can make
-    a tiny forward 100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(transformers reference, our model from its checkpoint, three prompts of different lengths)."""
@@ -223,6 +209,18 @@ def test_same_seed_same_tokens(tiny):
     assert any(o != first for o in others)
 
 
+def test_every_step_and_row_draws_fresh_noise(tiny):
+    """At a huge temperature every token is (nearly) equally likely, so the 32 tokens of a row should be ~29
+    distinct values out of 160 and identical prompts should diverge at once. Reusing one key across steps or
+    rows would repeat the same Gumbel noise, and with it (nearly) the same token."""
+    _, ours, _ = tiny
+    out = gen.generate(ours, [[5, 6, 7]] * 3, max_new_tokens=NEW, temperature=1e4, seed=4).tokens
+    for row in out:
+        assert len(set(row)) >= 20, row  # under uniform draws P(< 20 distinct of 32 from 160) ~ 4e-8
+    assert len({row[0] for row in out}) >= 2  # all three equal: P = 1 / 160**2
+    assert len({tuple(row) for row in out}) == 3
+
+
 def test_generate_at_temperature_zero_is_greedy(tiny):
     """Temperature 0 ignores the other settings and the seed: transformers' greedy decoding, token for token."""
     ref, ours, prompts = tiny
@@ -234,7 +232,7 @@ def test_generate_at_temperature_zero_is_greedy(tiny):
     for i, p in enumerate(prompts):
         ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
     ref.generation_config.eos_token_id = None
-    with _torch_one_thread():
+    with torch_one_thread():
         expected = ref.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, pad_token_id=0)
     assert got == expected[:, width:].tolist()
 
@@ -251,7 +249,7 @@ def test_generated_tokens_lie_in_the_set_allowed_by_reference_logits(tiny, param
     out = gen.generate(ours, prompts, max_new_tokens=NEW, seed=3, stop_token_ids=[], **params).tokens
     checked = sizes = 0
     for prompt, new in zip(prompts, out, strict=True):
-        with _torch_one_thread():
+        with torch_one_thread():
             logits = ref(torch.tensor([prompt + new[:-1]])).logits[0].double().numpy()
         for j, token in enumerate(new):
             keep, margin = allowed(logits[len(prompt) - 1 + j], **params)
