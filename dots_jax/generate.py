@@ -61,30 +61,38 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     probability >= min_p * the largest probability.
     """
     logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
-    vocab = logits.shape[-1]
-    sorted_desc = -jnp.sort(-logits, axis=-1)
-    kth = jnp.take(sorted_desc, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
-    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+    # Sorting the vocabulary is the costly part on CPU (milliseconds per row): only when a filter needs it.
+    logits = jax.lax.cond((top_k > 0) | (top_p < 1.0), _top_k_top_p, lambda x, k, p: x, logits, top_k, top_p)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.where((min_p > 0) & (probs < min_p * probs.max(axis=-1, keepdims=True)), -jnp.inf, logits)
 
-    sorted_desc = -jnp.sort(-logits, axis=-1)
+
+def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    vocab = logits.shape[-1]
+    sorted_desc = -jnp.sort(-logits, axis=-1)  # one sort serves both filters
+    kth = jnp.take(sorted_desc, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
+    kth = jnp.where(top_k > 0, kth, -jnp.inf)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+    sorted_desc = jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc)  # top-k kept a prefix: still sorted
+
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep_sorted = (mass_before < top_p) | (jnp.arange(vocab) == 0)
     # The smallest kept logit is the threshold; ties at the threshold are kept, as with top-k.
     threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
-
-    probs = jax.nn.softmax(logits, axis=-1)
-    logits = jnp.where((min_p > 0) & (probs < min_p * probs.max(axis=-1, keepdims=True)), -jnp.inf, logits)
-    return logits
+    return jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   min_p: jax.Array) -> jax.Array:
-    """[B, V] logits -> [B] int32 tokens; greedy where temperature == 0."""
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    """[B, V] logits -> [B] int32 tokens; greedy where temperature == 0 (then no filter is computed)."""
+    def sample(logits: jax.Array) -> jax.Array:
+        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
+
+    def greedy(logits: jax.Array) -> jax.Array:
+        return jnp.argmax(logits, axis=-1)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
