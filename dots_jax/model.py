@@ -15,7 +15,7 @@ from flax import nnx
 
 from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
-from dots_jax.moe import moe_experts, route, silu
+from dots_jax.moe import RouterStats, moe_experts, route, routing_stats, silu
 
 DType = jnp.dtype | type
 NO_WINDOW = 2**30  # the "window" of a full-attention layer: larger than any sequence
@@ -155,12 +155,15 @@ class MoE(nnx.Module):
                      top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
                      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        weights, experts, _ = self.router_outputs(x)
+    def __call__(self, x: jax.Array, token_valid: jax.Array) -> tuple[jax.Array, RouterStats]:
+        """x [B, S, H]; token_valid [B, S] (padding is left out of the routing statistics)."""
+        weights, experts, logits = self.router_outputs(x)
         routed = moe_experts(x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...],
                              self.up_proj[...], self.down_proj[...], backend=self.moe_backend)
         out = routed.reshape(x.shape)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        b, s = x.shape[:2]
+        stats = routing_stats(logits.reshape(b, s, -1), experts.reshape(b, s, -1), token_valid)
+        return (out if self.shared_experts is None else out + self.shared_experts(x)), stats
 
 
 class DecoderLayer(nnx.Module):
@@ -178,12 +181,16 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, axis_name="mlp", std=cfg.initializer_range,
                            param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_valid: jax.Array,
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, RouterStats | None]:
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            out, stats = self.mlp(h, token_valid)
+            return x + out, kv, stats
+        return x + self.mlp(h), kv, None
 
 
 def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx.Rngs) -> DecoderLayer | None:
@@ -200,22 +207,24 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: jax.Array, cos: jax.Array, sin: jax.Array,
-               q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, cache: LayerStackCache | None,
-               index: jax.Array | None) -> tuple[jax.Array, LayerStackCache | None]:
+               q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, token_valid: jax.Array,
+               cache: LayerStackCache | None, index: jax.Array | None
+               ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
     """Run stacked layers under one scan; `windows` [L] holds each layer's attention window, and the cache
     (if any) is scanned along with the parameters, each layer reading and writing its own slice."""
     if stack is None:
-        return x, cache
+        return x, cache, None
     graphdef, state = nnx.split(stack)
 
-    def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, tuple | None]:
+    def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, tuple]:
         layer_state, window, kv = layer_in
         mask = make_attention_mask(q_pos, k_pos, key_valid, window)
-        return nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, index)
+        h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, token_valid, kv, index)
+        return h, (kv, stats)
 
     kv_in = None if cache is None else (cache.k, cache.v)
-    x, kv_out = jax.lax.scan(body, x, (state, windows, kv_in))
-    return x, None if cache is None else LayerStackCache(*kv_out)
+    x, (kv_out, stats) = jax.lax.scan(body, x, (state, windows, kv_in))
+    return x, None if cache is None else LayerStackCache(*kv_out), stats
 
 
 def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, window: jax.Array) -> jax.Array:
@@ -261,6 +270,14 @@ class Dots1ForCausalLM(nnx.Module):
         With a KVCache the S new tokens are written at slots cache.index.. and attend to every valid slot;
         returns (logits, updated cache). Without one returns logits.
         """
+        logits, cache, _ = self.forward(input_ids, positions, attention_mask, cache)
+        return logits if cache is None else (logits, cache)
+
+    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                attention_mask: jax.Array | None = None, cache: KVCache | None = None
+                ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        """As __call__, also returning each MoE layer's routing statistics (stacked on a leading layer axis;
+        None without MoE layers), which training uses for load balancing."""
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -281,14 +298,13 @@ class Dots1ForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
-        x, dense_cache = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
-                                    key_valid, None if cache is None else cache.dense, index)
-        x, moe_cache = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos, key_valid,
-                                  None if cache is None else cache.moe, index)
+        x, dense_cache, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
+                                       key_valid, valid, None if cache is None else cache.dense, index)
+        x, moe_cache, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos,
+                                         key_valid, valid, None if cache is None else cache.moe, index)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         logits = x @ head.astype(dtype)
-        if cache is None:
-            return logits
-        return logits, KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid,
-                               index=index + s)
+        if cache is not None:
+            cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
+        return logits, cache, stats

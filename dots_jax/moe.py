@@ -7,6 +7,8 @@ The grouped matmul is `grouped_matmul.gmm`, one signature with several backends 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -50,6 +52,31 @@ def route(
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     weights = weights * routed_scaling_factor
     return weights, indices.astype(jnp.int32), logits
+
+
+class RouterStats(NamedTuple):
+    """Per MoE layer (a leading layer axis when stacked): what load balancing needs."""
+
+    expert_load: jax.Array  # [E] f32: real tokens routed to each expert
+    balance_loss: jax.Array  # [] f32: the sequence-wise balance loss sum_i f_i P_i, mean over sequences
+
+
+def routing_stats(logits: jax.Array, indices: jax.Array, valid: jax.Array) -> RouterStats:
+    """logits [B, S, E] f32 router logits, indices [B, S, k] chosen experts, valid [B, S] real tokens.
+
+    Sequence-wise balance loss (DeepSeek-V3, used by dots.llm1): per sequence of T real tokens,
+    f_i = E / (k T) * (tokens choosing expert i) and P_i = mean over tokens of s_i / sum_j s_j with
+    s = sigmoid(logits); the loss is sum_i f_i P_i (1 when perfectly balanced). f carries no gradient.
+    """
+    num_experts, top_k = logits.shape[-1], indices.shape[-1]
+    valid = valid.astype(jnp.float32)
+    chosen = jax.nn.one_hot(indices, num_experts, dtype=jnp.float32).sum(axis=-2) * valid[..., None]  # [B,S,E]
+    tokens = jnp.maximum(valid.sum(axis=-1), 1.0)  # [B]
+    f = num_experts / (top_k * tokens)[:, None] * chosen.sum(axis=1)  # [B, E]
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+    p = (scores / scores.sum(axis=-1, keepdims=True) * valid[..., None]).sum(axis=1) / tokens[:, None]
+    balance = (jax.lax.stop_gradient(f) * p).sum(axis=-1).mean()
+    return RouterStats(expert_load=chosen.sum(axis=(0, 1)), balance_loss=balance)
 
 
 def moe_experts(

@@ -123,3 +123,37 @@ def test_route_matches_numpy(n_group, topk_group, norm, scale):
     np.testing.assert_allclose(np.take_along_axis(np.asarray(weights), order, -1),
                                np.take_along_axis(want_w, want_order, -1), rtol=1e-6, atol=1e-7)
     assert weights.dtype == jnp.float32 and logits.shape == (50, E)
+
+
+def test_routing_stats_match_numpy():
+    """Expert load and the sequence-wise balance loss (DeepSeek-V3's definition) against float64 numpy,
+    with padding left out; and the loss is exactly 1 when every expert gets the same share."""
+    from dots_jax.moe import routing_stats
+
+    rng = np.random.default_rng(5)
+    b, s = 3, 11
+    logits = rng.normal(size=(b, s, E))
+    indices = np.stack([[rng.choice(E, K, replace=False) for _ in range(s)] for _ in range(b)])
+    valid = np.ones((b, s), bool)
+    valid[1, 7:] = False
+    valid[2, 2:] = False
+    stats = routing_stats(jnp.asarray(logits, jnp.float32), jnp.asarray(indices), jnp.asarray(valid))
+
+    load = np.zeros(E)
+    losses = []
+    for i in range(b):
+        counts = np.zeros(E)
+        for t in np.flatnonzero(valid[i]):
+            counts[indices[i, t]] += 1
+        load += counts
+        n = valid[i].sum()
+        sig = 1 / (1 + np.exp(-logits[i]))
+        p = (sig / sig.sum(-1, keepdims=True))[valid[i]].mean(0)
+        losses.append(np.sum(E / (K * n) * counts * p))
+    np.testing.assert_allclose(np.asarray(stats.expert_load), load)
+    np.testing.assert_allclose(float(stats.balance_loss), np.mean(losses), rtol=1e-5)
+
+    # Perfect balance: uniform scores and every expert chosen equally often -> f_i = 1, P_i = 1/E, loss = 1.
+    uniform = routing_stats(jnp.zeros((1, E, E)), jnp.asarray((np.arange(E)[:, None] + np.arange(K)) % E)[None],
+                            jnp.ones((1, E), bool))
+    np.testing.assert_allclose(float(uniform.balance_loss), 1.0, rtol=1e-6)
