@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from dots_jax.cache import KVCache
+from dots_jax.cpu_tuning import tune_allocator
 from dots_jax.model import Dots1ForCausalLM
 
 MIN_BUCKET = 16
@@ -141,6 +142,7 @@ def generate(
     `on_tokens(step, tokens [B], active [B])` is called after every step (for streaming).
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p)
+    tune_allocator()
     cfg = model.cfg
     batch_ids = _as_token_lists(prompts, tokenizer)
     if not batch_ids:
