@@ -36,7 +36,7 @@ CONFIGS = {
     "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, moe_intermediate_size=176,
                   num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, n_routed_experts=32,
                   num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5),
-    # ~420M parameters: hidden 1024, 8 layers, 64 experts, top-6, 2 shared.
+    # ~608M parameters: hidden 1024, 8 layers, 64 experts, top-6, 2 shared.
     "large": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=352,
                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
                   num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5),
