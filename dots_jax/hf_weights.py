@@ -152,7 +152,7 @@ def match_key(key: str, cfg: Dots1Config) -> _Match:
                 raise CheckpointError(f"tensor {key!r}: layer {layer} but config.json has "
                                       f"num_hidden_layers={cfg.num_hidden_layers}")
             is_dense = layer < cfg.first_k_dense_replace
-            if rule.layers == "moe" and is_dense or rule.layers == "dense" and not is_dense:
+            if (rule.layers == "moe" and is_dense) or (rule.layers == "dense" and not is_dense):
                 kind = "dense" if is_dense else "MoE"
                 raise CheckpointError(f"tensor {key!r}: layer {layer} is a {kind} layer by config.json "
                                       f"(first_k_dense_replace={cfg.first_k_dense_replace})")
