@@ -1,0 +1,230 @@
+"""Training checkpoints (Orbax) and export of a trained model as a Hugging Face checkpoint.
+
+A checkpoint is one Orbax step directory under `<out>/checkpoints/<step>/` holding two items:
+  state     the TrainState (f32 master params, router bias, optimizer state, step), saved array by array, so a
+            restore gives back bit-identical arrays;
+  metadata  a JSON dict: whatever the trainer needs to continue exactly (data position, seed, the model config as
+            an HF dict, the TrainConfig).
+Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves the
+previous checkpoints intact and `latest_step` never sees a half-written one.
+
+export_hf() writes config.json + model.safetensors with transformers' per-expert tensor names: the inverse of
+hf_weights.KEY_TABLE, checked tensor by tensor against the table's forward transforms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dots_jax.config import Dots1Config
+from dots_jax.hf_weights import (
+    _ATTN,
+    KEY_TABLE,
+    SINGLE_FILE,
+    Rule,
+    _heads_bias,
+    _heads_in,
+    _heads_out,
+    _linear,
+    _Match,
+    _target,
+)
+from dots_jax.model import Dots1ForCausalLM, RouterBias
+from dots_jax.safetensors_io import save_file
+from dots_jax.train import TrainConfig, TrainState, init_state
+
+CHECKPOINTS = "checkpoints"  # the subdirectory of a training run's output directory
+DEFAULT_MAX_TO_KEEP = 3
+
+
+# ------------------------------------------------------------------------------------------- Orbax side
+def _manager(directory: str | os.PathLike, max_to_keep: int = DEFAULT_MAX_TO_KEEP) -> ocp.CheckpointManager:
+    # Orbax wants an absolute path; item names fix the on-disk layout (<step>/state, <step>/metadata).
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_names=("state", "metadata"))
+
+
+def save(directory: str | os.PathLike, step: int, state: TrainState, metadata: dict[str, Any], *,
+         max_to_keep: int = DEFAULT_MAX_TO_KEEP) -> Path:
+    """Write checkpoint `step` (state + JSON metadata) under `directory`, keeping the newest `max_to_keep`.
+
+    Blocks until the checkpoint is complete on disk: training state is small next to a step's compute here, and
+    a synchronous save means the caller may donate `state` to the next step right away.
+    """
+    json.dumps(metadata)  # fail now, with the offending value named, rather than inside Orbax's writer thread
+    manager = _manager(directory, max_to_keep)
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   metadata=ocp.args.JsonSave(metadata)))
+        manager.wait_until_finished()
+    finally:
+        manager.close()
+    return Path(directory) / str(step)
+
+
+def all_steps(directory: str | os.PathLike) -> list[int]:
+    """The complete checkpoints under `directory`, oldest first ([] when there is none or no directory)."""
+    if not Path(directory).is_dir():
+        return []
+    manager = _manager(directory)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def latest_step(directory: str | os.PathLike) -> int | None:
+    steps = all_steps(directory)
+    return steps[-1] if steps else None
+
+
+def _step_or_latest(directory: str | os.PathLike, step: int | None) -> int:
+    steps = all_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint found")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint for step {step} (have {steps})")
+    return step
+
+
+def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict[str, Any]:
+    """The metadata dict of checkpoint `step` (default: the latest), without reading any array: the trainer
+    needs the model config from it before it can build the abstract state that restore() fills."""
+    step = _step_or_latest(directory, step)
+    manager = _manager(directory)
+    try:
+        return manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+    finally:
+        manager.close()
+
+
+def restore(directory: str | os.PathLike, abstract_state: TrainState, step: int | None = None
+            ) -> tuple[TrainState, dict[str, Any]]:
+    """(state, metadata) of checkpoint `step` (default: the latest). `abstract_state` gives the tree structure,
+    shapes and dtypes (see abstract_train_state); the restored arrays are bit for bit the saved ones."""
+    step = _step_or_latest(directory, step)
+    manager = _manager(directory)
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                                 metadata=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return restored.state, restored.metadata
+
+
+def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.float32, moe_backend: str = "auto"
+                         ) -> tuple[nnx.GraphDef, TrainState]:
+    """(graphdef, TrainState of ShapeDtypeStructs) for a model with f32 master weights and compute `dtype`:
+    what restore() needs, built without computing a single weight (random init costs seconds of compiles)."""
+    model = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32,
+                                                    moe_backend=moe_backend, rngs=nnx.Rngs(0)))
+    graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
+    # init_state itself, traced: the optimizer state's structure is exactly what training creates.
+    state = jax.eval_shape(lambda p, r: init_state(nnx.merge(graphdef, p, r), tc)[1], params, router_bias)
+    return graphdef, state
+
+
+# --------------------------------------------------------------------------------------------- HF export
+_RULE_IDENTITY = next(f.default for f in dataclasses.fields(Rule) if f.name == "to_jax")  # Rule's default
+
+# The inverse of each forward transform that the per-expert layout uses (the fused 5.x rules are never written).
+_INVERSE = {
+    _RULE_IDENTITY: lambda x, cfg: x,
+    _linear: lambda x, cfg: x.T,  # [in, out] -> torch [out, in]
+    _heads_in: lambda x, cfg: x.reshape(x.shape[0], -1).T,  # [H, n, d] -> [n*d, H]
+    _heads_out: lambda x, cfg: x.reshape(-1, x.shape[-1]).T,  # [n, d, H] -> [H, n*d]
+    _heads_bias: lambda x, cfg: x.reshape(-1),  # [n, d] -> [n*d]
+}
+
+
+def _rule_applies(rule: Rule, cfg: Dots1Config) -> bool:
+    if len(rule.targets) != 1 or (".experts." in rule.hf and "{expert}" not in rule.hf):
+        return False  # the fused 5.x expert tensors: we write the per-expert layout only
+    if rule.hf == "lm_head.weight" and cfg.tie_word_embeddings:
+        return False
+    if ".bias" in rule.hf and _ATTN in rule.hf and not cfg.attention_bias:
+        return False
+    return True
+
+
+def _rule_layers(rule: Rule, cfg: Dots1Config) -> Sequence[int | None]:
+    k = cfg.first_k_dense_replace
+    return {"none": [None], "all": range(cfg.num_hidden_layers), "dense": range(k),
+            "moe": range(k, cfg.num_hidden_layers)}[rule.layers]
+
+
+def hf_tensors(model: Dots1ForCausalLM) -> dict[str, np.ndarray]:
+    """Every parameter of `model` under its HF name (per-expert layout) in torch's layout and the params' dtype.
+
+    Each tensor is pushed back through KEY_TABLE's forward transform and must reproduce our array exactly, and
+    every element of the model must be written exactly once: a table change that this inverse misses fails here.
+    """
+    cfg = model.cfg
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
+    tensors: dict[str, np.ndarray] = {}
+    written = 0
+    for rule in KEY_TABLE:
+        if not _rule_applies(rule, cfg):
+            continue
+        forward = rule.to_jax
+        inverse = _INVERSE.get(forward)
+        if inverse is None:
+            raise NotImplementedError(f"no inverse transform for the KEY_TABLE rule {rule.hf!r}")
+        experts = range(cfg.n_routed_experts) if "{expert}" in rule.hf else [None]
+        for layer in _rule_layers(rule, cfg):
+            for expert in experts:
+                path, index = _target(_Match(rule, layer, expert), rule.targets[0], cfg)
+                ours = flat[path][index] if index else flat[path]
+                name = rule.hf.format(layer=layer, expert=expert)
+                tensor = np.ascontiguousarray(inverse(ours, cfg))
+                if not np.array_equal(np.asarray(forward(tensor, cfg)), ours):
+                    raise AssertionError(f"export of {name!r} does not invert KEY_TABLE's transform")
+                tensors[name] = tensor
+                written += tensor.size
+    total = sum(value.size for value in flat.values())
+    if written != total:
+        raise AssertionError(f"exported {written} of the model's {total} parameter elements")
+    return tensors
+
+
+def export_hf(model: Dots1ForCausalLM, directory: str | os.PathLike, *,
+              extra_files: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write `model` as an HF dots1 checkpoint directory: config.json + model.safetensors (per-expert names), plus
+    copies of `extra_files` (e.g. the tokenizer's). Loadable by from_pretrained and by transformers.
+
+    Written to `<directory>.tmp` first and renamed into place, so `directory` never holds half an export; an
+    existing `directory` is replaced.
+    """
+    directory = Path(directory)
+    tensors = hf_tensors(model)
+    dtypes = {str(t.dtype) for t in tensors.values()}
+    config = model.cfg.to_hf()
+    # The dtype the weights are stored in (f32 master weights when trained here), as transformers expects.
+    config["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})
+    for extra in extra_files:
+        shutil.copy2(extra, tmp / Path(extra).name)
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory

@@ -1,0 +1,524 @@
+"""Training and fine-tuning: next-token loss, AdamW with warmup-stable-decay, and MoE load balancing.
+
+The paper's recipe (arXiv 2506.05767): AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0, a
+warmup-stable-decay schedule; auxiliary-loss-free balancing (each MoE layer's e_score_correction_bias is nudged
+up for under-loaded experts and down for over-loaded ones after every step) plus a small sequence-wise balance loss.
+bf16 compute with f32 master weights is a model built with dtype=bfloat16, param_dtype=float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dots_jax.model import Dots1ForCausalLM, RouterBias
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    learning_rate: float = 3e-4
+    total_steps: int = 1000
+    warmup_steps: int = 100
+    decay_steps: int = 200  # the last decay_steps decay linearly to min_lr_ratio * learning_rate
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    balance_loss_coef: float = 1e-4  # the sequence-wise balance loss weight ("small" in the paper)
+    bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step; 0 switches it off
+    grad_accum_steps: int = 1
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field: str, what: str) -> None:
+            if not cond:
+                raise ValueError(f"TrainConfig.{field} must be {what}, got {getattr(self, field)!r}")
+
+        need(self.learning_rate > 0, "learning_rate", "> 0")
+        need(self.total_steps >= 1, "total_steps", ">= 1")
+        need(0 <= self.warmup_steps and 0 <= self.decay_steps, "warmup_steps", ">= 0 (and decay_steps too)")
+        need(self.warmup_steps + self.decay_steps <= self.total_steps, "decay_steps",
+             "such that warmup_steps + decay_steps <= total_steps")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
+        need(self.grad_clip > 0, "grad_clip", "> 0")
+        need(self.balance_loss_coef >= 0 and self.bias_update_rate >= 0, "bias_update_rate",
+             ">= 0 (and balance_loss_coef too)")
+        need(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
+
+
+def wsd_schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, constant, then linear decay to min_lr_ratio * peak over the last decay_steps."""
+    peak, stable = tc.learning_rate, tc.total_steps - tc.warmup_steps - tc.decay_steps
+    return optax.join_schedules([
+        optax.linear_schedule(0.0, peak, max(tc.warmup_steps, 1)),
+        optax.constant_schedule(peak),
+        optax.linear_schedule(peak, peak * tc.min_lr_ratio, max(tc.decay_steps, 1)),
+    ], boundaries=[tc.warmup_steps, tc.warmup_steps + stable])
+
+
+LAYER_STACKS = ("dense_layers", "moe_layers")  # their parameters carry a leading "layers" axis
+
+
+def weight_decay_mask(params: nnx.State) -> nnx.State:
+    """True for the matrices AdamW decays; False for norm weights and biases, which are 1-D per layer (a
+    stacked norm is [layers, dim], a q/k/v bias [layers, heads, head_dim]: ndim alone would decay them)."""
+    def decays(path: tuple, p: jax.Array) -> bool:
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        stacked = int(bool(keys) and keys[0] in LAYER_STACKS)
+        name = next((k for k in reversed(keys) if isinstance(k, str) and k != "value"), "")
+        return p.ndim - stacked >= 2 and not name.endswith("bias")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    """Clip, then AdamW; norms and biases (1-D per layer) are not decayed. With grad_accum_steps > 1 the update
+    applies every that many micro-steps, on the mean gradient."""
+    opt = optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.adamw(wsd_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                    mask=weight_decay_mask),
+    )
+    return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum_steps) if tc.grad_accum_steps > 1 else opt
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+    inputs: jax.Array  # [B, S] int32
+    targets: jax.Array  # [B, S] int32: the next token of each input position
+    loss_mask: jax.Array  # [B, S]: 1 where the target counts (0 for padding, prompts in SFT, ...)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    params: nnx.State  # the nnx.Param leaves (f32 master weights)
+    router_bias: nnx.State  # the RouterBias leaves: changed by the balancing rule, never by gradients
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar
+
+
+def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
+    opt_state = make_optimizer(tc).init(params)
+    return graphdef, TrainState(params, router_bias, opt_state, jnp.zeros((), jnp.int32))
+
+
+def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
+            balance_loss_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss."""
+    model = nnx.merge(graphdef, params, router_bias)
+    logits, _, stats = model.forward(batch.inputs)
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_nll = -jnp.take_along_axis(log_probs, batch.targets[..., None], axis=-1)[..., 0]
+    mask = batch.loss_mask.astype(jnp.float32)
+    ce = (token_nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    if stats is None:  # a model without MoE layers
+        return ce, {"ce": ce, "balance_loss": jnp.zeros(()), "expert_load": jnp.zeros((0, 0))}
+    balance = stats.balance_loss.mean()
+    return ce + balance_loss_coef * balance, {"ce": ce, "balance_loss": balance, "expert_load": stats.expert_load}
+
+
+def update_router_bias(router_bias: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
+    """Auxiliary-loss-free balancing: bias += rate * sign(mean load - load), per MoE layer ([L, E])."""
+    step = (rate * jnp.sign(expert_load.mean(axis=-1, keepdims=True) - expert_load)).astype(jnp.float32)
+    return jax.tree.map(lambda bias: bias + step, router_bias)  # the one leaf: moe_layers' [L, E] bias
+
+
+def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch: Batch
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One (micro-)step: gradients, AdamW update, balancing update. Pure; jit it with graphdef and tc static."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef)
+    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    router_bias = state.router_bias
+    if tc.bias_update_rate > 0 and aux["expert_load"].size:
+        router_bias = update_router_bias(router_bias, aux["expert_load"], tc.bias_update_rate)
+    metrics = {"loss": loss, "ce": aux["ce"], "balance_loss": aux["balance_loss"],
+               "grad_norm": optax.tree.norm(grads), "expert_load": aux["expert_load"],
+               "learning_rate": wsd_schedule(tc)(state.step // tc.grad_accum_steps)}
+    return TrainState(params, router_bias, opt_state, state.step + 1), metrics
+
+
+jit_train_step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
+
+
+def load_cv(expert_load: jax.Array) -> jax.Array:
+    """Coefficient of variation of each MoE layer's expert load ([L, E] -> [L]): 0 is perfectly balanced."""
+    mean = expert_load.mean(axis=-1)
+    return expert_load.std(axis=-1) / jnp.maximum(mean, 1e-9)
+
+
+# ================================================================================================ command line
+# `python -m dots_jax.train`: the training loop around train_step. The CLI's standard imports sit here, with the
+# CLI; dots_jax.checkpoint and dots_jax.data are imported inside the functions, as they import this module.
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from dots_jax.config import ConfigError, Dots1Config, preset  # noqa: E402
+from dots_jax.grouped_matmul import BACKENDS  # noqa: E402
+from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve  # noqa: E402
+from dots_jax.tokenizer import Tokenizer  # noqa: E402
+
+CLI_USAGE = """\
+python -m dots_jax.train: train or fine-tune a dots1 model on text files.
+
+  python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny
+  python -m dots_jax.train --init ./dots-checkpoint --tokenizer ./dots-checkpoint --data notes.txt --steps 50 \\
+      --lr 1e-5 --out runs/ft
+  python -m dots_jax.train --data corpus/ --steps 400 --batch 8 --seq-len 128 --out runs/tiny --resume  # to 400
+
+Writes into --out: checkpoints/<step>/ (Orbax; the newest few are kept), metrics.jsonl (one JSON object per step,
+plus eval records), loss_curve.png and hf/ (the final model as an HF checkpoint: config.json + model.safetensors).
+--resume continues from the newest checkpoint exactly as if the run had not stopped (same data order; bit for bit
+on CPU). Bad input prints one `error: ...` line and exits with 2.
+"""
+
+_CLI_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_TOKENIZER_FILES = ("chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt")
+
+
+class CliError(Exception):
+    """Bad command-line input: reported as one `error: ...` line and exit code 2, without a traceback."""
+
+
+def _cli_parser() -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        # argparse would print the usage and exit by itself; every user error should read the same way instead.
+        def error(self, message: str) -> None:  # type: ignore[override]
+            raise CliError(message)
+
+    p = Parser(prog="python -m dots_jax.train", description=CLI_USAGE,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="PRESET_OR_PATH",
+                   help="model config: a preset name from configs/ (e.g. tiny) or an HF config.json (or its "
+                        "directory). Not needed with --init or --resume, which carry their own.")
+    p.add_argument("--init", metavar="DIR_OR_REPO",
+                   help="fine-tune from this HF dots1 checkpoint; default: random init from --seed")
+    p.add_argument("--data", required=True, metavar="PATH",
+                   help="training text: a file, a directory (its *.txt and *.py files) or a glob pattern")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with tokenizer.json or tokenizer.model; default: raw UTF-8 bytes as ids 0..255")
+    p.add_argument("--steps", type=int, required=True, help="total optimizer steps (with --resume: the new total)")
+    p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default: 10%% of --steps)")
+    p.add_argument("--decay", type=int, help="final linear decay steps, to 0.1 x --lr (default: 20%% of --steps)")
+    p.add_argument("--bias-update-rate", type=float, default=1e-3,
+                   help="auxiliary-loss-free balancing: router bias step per update; 0 turns it off (default 1e-3)")
+    p.add_argument("--balance-loss-coef", type=float, default=1e-4,
+                   help="weight of the sequence-wise balance loss (default 1e-4)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="micro-batches per optimizer step (default 1); tokens per step = grad-accum x batch x "
+                        "seq-len")
+    p.add_argument("--dtype", choices=sorted(_CLI_DTYPES), default="float32",
+                   help="compute dtype; the master weights and optimizer state are always float32")
+    p.add_argument("--eval-every", type=int, default=100, help="eval loss every N steps, and at the end")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval (default 8)")
+    p.add_argument("--eval-fraction", type=float, default=0.05,
+                   help="the last fraction of the tokens held out for eval (default 0.05; 0 = no eval)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the data order (default 0)")
+    p.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                   help="grouped-matmul backend of the routed experts (default auto: chosen for the device)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    return p
+
+
+def _cli_check_args(args: argparse.Namespace) -> None:
+    """Out-of-range values, named by their option (written so that NaN fails too)."""
+    for name in ("steps", "batch", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep"):
+        if not getattr(args, name) >= 1:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise CliError(f"--lr must be > 0, got {args.lr}")
+    if not 0 <= args.eval_fraction < 1:
+        raise CliError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    args.warmup = args.steps // 10 if args.warmup is None else args.warmup
+    args.decay = args.steps // 5 if args.decay is None else args.decay
+    if not (args.warmup >= 0 and args.decay >= 0 and args.warmup + args.decay <= args.steps):
+        raise CliError(f"--warmup {args.warmup} and --decay {args.decay} must be >= 0 and fit in --steps "
+                       f"{args.steps}")
+    if not (args.bias_update_rate >= 0 and args.balance_loss_coef >= 0):
+        raise CliError("--bias-update-rate and --balance-loss-coef must be >= 0")
+
+
+def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dots1Config:
+    """The model config: the checkpoint's on --resume, else --init's, else --config; a --config given as well
+    must agree."""
+    given = None
+    if args.config is not None:
+        looks_like_path = args.config.endswith(".json") or "/" in args.config or args.config.startswith(".")
+        given = Dots1Config.from_hf(args.config) if looks_like_path else preset(args.config)
+    if resume_meta is not None:
+        cfg, source = Dots1Config.from_hf(resume_meta["model_config"]), "the checkpoint's"
+    elif args.init is not None:
+        cfg, source = Dots1Config.from_hf(resolve(args.init)), f"--init {args.init}'s"
+    elif given is not None:
+        return given
+    else:
+        raise CliError("give --config (a preset such as tiny, or an HF config.json), --init or --resume")
+    if given is not None and given != cfg:
+        raise CliError(f"--config {args.config} differs from {source} model config; leave --config out")
+    return cfg
+
+
+def _cli_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, list[Path]]:
+    """(all tokens of --data, the tokenizer's files to ship with the exported model)."""
+    from dots_jax.data import BYTE_VOCAB, load_tokens
+
+    tokenizer, files = None, []
+    if args.tokenizer is not None:
+        try:
+            tokenizer = Tokenizer.from_dir(args.tokenizer)
+        except (OSError, ValueError) as e:
+            raise CliError(f"--tokenizer: {e}") from None
+        files = sorted(p for p in Path(args.tokenizer).expanduser().iterdir()
+                       if p.is_file() and (p.name.startswith("tokenizer") or p.name in _TOKENIZER_FILES))
+    elif cfg.vocab_size < BYTE_VOCAB:
+        raise CliError(f"byte-level data (no --tokenizer) needs a vocabulary of >= {BYTE_VOCAB}; the model has "
+                       f"{cfg.vocab_size}")
+    tokens = load_tokens(args.data, tokenizer)
+    if tokens.max() >= cfg.vocab_size:
+        raise CliError(f"the data encodes to token id {tokens.max()}, outside the model's vocabulary of "
+                       f"{cfg.vocab_size}: the tokenizer does not fit the model")
+    return tokens, files
+
+
+def _cli_check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig) -> None:
+    """What must not change between a run and its resumption, or the data position would mean other windows
+    (or the optimizer state another structure)."""
+    data, saved_tc = meta["data"], meta["train_config"]
+    checks = [("--data (or --tokenizer): the tokens", data["fingerprint"], fp),
+              ("--seq-len", data["seq_len"], args.seq_len), ("--seed", meta["rng"]["seed"], args.seed),
+              ("--eval-fraction", data["eval_fraction"], args.eval_fraction),
+              ("--grad-accum", saved_tc["grad_accum_steps"], tc.grad_accum_steps)]
+    for what, saved, now in checks:
+        if saved != now:
+            raise CliError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now)")
+    if meta["step"] >= args.steps:
+        raise CliError(f"--resume: the newest checkpoint is at step {meta['step']}, so --steps {args.steps} leaves "
+                       "nothing to do; raise --steps")
+
+
+def _eval_ce(graphdef: nnx.GraphDef, params: nnx.State, router_bias: nnx.State, batch: Batch) -> jax.Array:
+    """Mean cross-entropy of one held-out batch (no balance term: eval measures the language model only)."""
+    return loss_fn(params, router_bias, graphdef, batch, 0.0)[1]["ce"]
+
+
+_jit_eval_ce = jax.jit(_eval_ce, static_argnums=0)
+
+
+def _cli_plot(records: list[dict], path: Path) -> None:
+    """Train and eval cross-entropy against the step, as a PNG (written beside, then renamed)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    ax = fig.add_subplot()
+    train = [(r["step"], r["ce"]) for r in records if "ce" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train cross-entropy", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval cross-entropy", markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+
+
+def random_model(cfg: Dots1Config, seed: int, *, dtype: jnp.dtype | type = jnp.float32,
+                 moe_backend: str = "auto") -> Dots1ForCausalLM:
+    """The model's own random init (f32 master weights), compiled as one program at XLA's lowest optimisation
+    level: it runs once, and compiled optimised, or op by op as eager init does, it takes 15+ s on a small CPU
+    (~2 s this way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers."""
+    def make() -> Dots1ForCausalLM:
+        return Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend,
+                                rngs=nnx.Rngs(seed))
+
+    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    init = jax.jit(lambda: nnx.state(make())).lower().compile({"xla_backend_optimization_level": 0})
+    return nnx.merge(graphdef, init())
+
+
+def _cli_run(args: argparse.Namespace) -> int:
+    from dots_jax import checkpoint
+    from dots_jax.cpu_tuning import tune_allocator
+    from dots_jax.data import TokenStream, eval_batches, fingerprint, split_eval
+
+    tune_allocator()
+    out = Path(args.out).expanduser()
+    ckpt_dir = out / checkpoint.CHECKPOINTS
+    latest = checkpoint.latest_step(ckpt_dir)
+    meta = None
+    if args.resume:
+        if latest is None:
+            raise CliError(f"--resume: no checkpoint in {ckpt_dir}")
+        meta = checkpoint.read_metadata(ckpt_dir, latest)
+        if args.init is not None:
+            print("note: --init is ignored with --resume: the weights come from the checkpoint", file=sys.stderr)
+    elif latest is not None:
+        raise CliError(f"--out {out} already holds checkpoints (up to step {latest}): pass --resume to continue, "
+                       "or choose another --out")
+
+    cfg = _cli_model_config(args, meta)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise CliError(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
+    tokens, tokenizer_files = _cli_data(args, cfg)
+    fp = fingerprint(tokens)
+    train_tokens, eval_tokens = split_eval(tokens, args.eval_fraction, args.seq_len)
+    stream = TokenStream(train_tokens, args.batch, args.seq_len, args.seed)
+    evals = eval_batches(eval_tokens, args.batch, args.seq_len, args.eval_batches)
+    try:
+        tc = TrainConfig(learning_rate=args.lr, total_steps=args.steps, warmup_steps=args.warmup,
+                         decay_steps=args.decay, balance_loss_coef=args.balance_loss_coef,
+                         bias_update_rate=args.bias_update_rate, grad_accum_steps=args.grad_accum)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    dtype = _CLI_DTYPES[args.dtype]
+
+    # The model and its training state: restored, loaded, or initialised at random.
+    start = time.perf_counter()
+    if meta is not None:
+        _cli_check_resume(args, meta, fp, tc)
+        graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend)
+        state, meta = checkpoint.restore(ckpt_dir, abstract, latest)
+        first_step, position, what = meta["step"], meta["data"]["position"], f"resumed from step {meta['step']}"
+    else:
+        if args.init is not None:
+            if args.tokenizer is None:
+                print("note: no --tokenizer, so the data is fed as raw byte ids 0..255; pass --tokenizer with the "
+                      "checkpoint's directory to train on its tokens", file=sys.stderr)
+            model = from_pretrained(args.init, dtype=dtype, param_dtype=jnp.float32, moe_backend=args.moe_backend,
+                                    progress=False)
+            what = f"loaded {args.init}"
+        else:
+            model = random_model(cfg, args.seed, dtype=dtype, moe_backend=args.moe_backend)
+            what = f"random init (seed {args.seed})"
+        graphdef, state = init_state(model, tc)
+        del model
+        # Committed to the device like restored arrays: jit keys its cache on that, so a fresh and a resumed run
+        # in one process (the tests) share one compiled step.
+        state = jax.device_put(state, jax.devices()[0])
+        first_step, position = 0, 0
+    print(f"{what} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}; "
+          f"{train_tokens.size} training and {eval_tokens.size} held-out tokens ({stream.num_windows} windows)",
+          file=sys.stderr)
+
+    # metrics.jsonl: on resume, drop what was logged after the checkpoint (those steps run again now).
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    records = []
+    if meta is not None and metrics_path.is_file():
+        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["step"] <= first_step]
+    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def metadata(step: int) -> dict:
+        return {"step": step, "micro_step": step * tc.grad_accum_steps,
+                "data": {"position": position, "seq_len": args.seq_len, "batch": args.batch,
+                         "fingerprint": fp, "num_tokens": int(tokens.size), "source": str(args.data),
+                         "tokenizer": args.tokenizer, "eval_fraction": args.eval_fraction},
+                "rng": {"seed": args.seed},  # the init and the data order; a step itself draws no randomness
+                "model_config": cfg.to_hf(), "train_config": dataclasses.asdict(tc), "dtype": args.dtype}
+
+    def evaluate() -> float:
+        losses = [_jit_eval_ce(graphdef, state.params, state.router_bias, b) for b in evals]
+        return float(np.mean(jax.device_get(losses)))
+
+    def log(record: dict) -> None:
+        records.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    if evals and first_step == 0:
+        log({"step": 0, "eval_loss": evaluate()})
+    tokens_per_step = tc.grad_accum_steps * args.batch * args.seq_len
+    saved = first_step
+    bar = tqdm(total=args.steps, initial=first_step, desc="train", unit="step", file=sys.stderr)
+    step = first_step
+    try:
+        for step in range(first_step + 1, args.steps + 1):
+            t0 = time.perf_counter()
+            micro = []
+            for _ in range(tc.grad_accum_steps):
+                batch = stream.batch_at(position)
+                position += args.batch
+                state, m = jit_train_step(graphdef, tc, state, batch)
+                micro.append(m)
+            micro = jax.device_get(micro)  # waits for the step
+            seconds = time.perf_counter() - t0
+            load = np.sum([m["expert_load"] for m in micro], axis=0)
+            record = {"step": step, **{k: float(np.mean([m[k] for m in micro]))
+                                       for k in ("loss", "ce", "balance_loss", "grad_norm")},
+                      "learning_rate": float(micro[-1]["learning_rate"]),
+                      "tokens_per_s": tokens_per_step / seconds,
+                      "load_cv": np.asarray(load_cv(load)).round(5).tolist() if load.size else []}
+            log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.update(1)
+            if evals and (step % args.eval_every == 0 or step == args.steps):
+                eval_loss = evaluate()
+                log({"step": step, "eval_loss": eval_loss})
+                bar.write(f"step {step}: eval loss {eval_loss:.4f}")  # to stdout, with the final summary
+            if step % args.save_every == 0 or step == args.steps:
+                checkpoint.save(ckpt_dir, step, state, metadata(step), max_to_keep=args.keep)
+                saved = step
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted at step {step}; the newest checkpoint is step {saved}: continue with --resume",
+              file=sys.stderr)
+        return 130
+    bar.close()
+
+    _cli_plot(records, out / "loss_curve.png")
+    hf_dir = checkpoint.export_hf(nnx.merge(graphdef, state.params, state.router_bias), out / "hf",
+                                  extra_files=tokenizer_files)
+    last = [r for r in records if "ce" in r][-1]
+    last_eval = [r["eval_loss"] for r in records if "eval_loss" in r]
+    print(f"step {args.steps}: train loss {last['loss']:.4f}"
+          + (f", eval loss {last_eval[-1]:.4f}" if last_eval else ""))
+    print(f"checkpoints: {ckpt_dir}\nmetrics: {metrics_path}\nloss curve: {out / 'loss_curve.png'}\n"
+          f"HF model: {hf_dir}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dots_jax.train ...`; returns the exit code (2 for bad input, with one `error:` line)."""
+    from dots_jax.data import DataError
+
+    try:
+        args = _cli_parser().parse_args(argv)
+        _cli_check_args(args)
+        return _cli_run(args)
+    except (CliError, ConfigError, CheckpointError, DataError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    # Run the main() of the imported module, not of this __main__ copy: dots_jax.checkpoint and dots_jax.data
+    # import dots_jax.train, and two copies of TrainState would be two different pytree types.
+    from dots_jax.train import main as _main
+
+    raise SystemExit(_main())
