@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 import jinja2
 import numpy as np
-from flax import nnx
 
 from dots_jax.config import ConfigError, Dots1Config, preset
 from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
 from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
-from dots_jax.model import Dots1ForCausalLM
+from dots_jax.model import random_model
 from dots_jax.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -274,8 +273,7 @@ def run_random_demo(args: argparse.Namespace) -> int:
         print(f"note: {' and '.join(ignored)} ignored without --model")
 
     start = time.perf_counter()
-    model = Dots1ForCausalLM(preset("tiny"), dtype=DTYPES[args.dtype], moe_backend=args.moe_backend,
-                             rngs=nnx.Rngs(args.seed))
+    model = random_model(preset("tiny"), args.seed, dtype=DTYPES[args.dtype], moe_backend=args.moe_backend)
     print(f"built the random model in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
     progress = Progress()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dots_jax.model import Dots1ForCausalLM, RouterBias
+from dots_jax.model import Dots1ForCausalLM, RouterBias, random_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,20 +347,6 @@ def _cli_plot(records: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def random_model(cfg: Dots1Config, seed: int, *, dtype: jnp.dtype | type = jnp.float32,
-                 moe_backend: str = "auto") -> Dots1ForCausalLM:
-    """The model's own random init (f32 master weights), compiled as one program at XLA's lowest optimisation
-    level: it runs once, and compiled optimised, or op by op as eager init does, it takes 15+ s on a small CPU
-    (~2 s this way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers."""
-    def make() -> Dots1ForCausalLM:
-        return Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend,
-                                rngs=nnx.Rngs(seed))
-
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
-    init = jax.jit(lambda: nnx.state(make())).lower().compile({"xla_backend_optimization_level": 0})
-    return nnx.merge(graphdef, init())
-
-
 def _cli_run(args: argparse.Namespace) -> int:
     from dots_jax import checkpoint
     from dots_jax.cpu_tuning import tune_allocator
@@ -413,7 +399,7 @@ def _cli_run(args: argparse.Namespace) -> int:
                                     progress=False)
             what = f"loaded {args.init}"
         else:
-            model = random_model(cfg, args.seed, dtype=dtype, moe_backend=args.moe_backend)
+            model = random_model(cfg, args.seed, dtype=dtype, param_dtype=jnp.float32, moe_backend=args.moe_backend)
             what = f"random init (seed {args.seed})"
         graphdef, state = init_state(model, tc)
         del model
