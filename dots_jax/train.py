@@ -101,13 +101,19 @@ class TrainState:
     params: nnx.State  # the nnx.Param leaves (f32 master weights)
     router_bias: nnx.State  # the RouterBias leaves: changed by the balancing rule, never by gradients
     opt_state: optax.OptState
-    step: jax.Array  # int32 scalar
+    step: jax.Array  # int32 scalar: micro-steps taken
+    # [L, E] expert load summed over the micro-steps of the current optimizer step: the balancing update uses
+    # the whole step's load, once per optimizer step, as the paper does.
+    expert_load_sum: jax.Array
 
 
 def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
     graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
     opt_state = make_optimizer(tc).init(params)
-    return graphdef, TrainState(params, router_bias, opt_state, jnp.zeros((), jnp.int32))
+    cfg = model.cfg
+    load_shape = (cfg.num_moe_layers, cfg.n_routed_experts) if cfg.num_moe_layers else (0, 0)
+    return graphdef, TrainState(params, router_bias, opt_state, jnp.zeros((), jnp.int32),
+                                jnp.zeros(load_shape, jnp.float32))
 
 
 def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
@@ -139,12 +145,16 @@ def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_bias = state.router_bias
-    if tc.bias_update_rate > 0 and aux["expert_load"].size:
-        router_bias = update_router_bias(router_bias, aux["expert_load"], tc.bias_update_rate)
+    load_sum = state.expert_load_sum + aux["expert_load"]
+    last_micro_step = (state.step + 1) % tc.grad_accum_steps == 0  # the optimizer applies its update now
+    if tc.bias_update_rate > 0 and load_sum.size:
+        updated = update_router_bias(router_bias, load_sum, tc.bias_update_rate)
+        router_bias = jax.tree.map(lambda new, old: jnp.where(last_micro_step, new, old), updated, router_bias)
+    load_sum = jnp.where(last_micro_step, 0.0, load_sum)
     metrics = {"loss": loss, "ce": aux["ce"], "balance_loss": aux["balance_loss"],
                "grad_norm": optax.tree.norm(grads), "expert_load": aux["expert_load"],
                "learning_rate": wsd_schedule(tc)(state.step // tc.grad_accum_steps)}
-    return TrainState(params, router_bias, opt_state, state.step + 1), metrics
+    return TrainState(params, router_bias, opt_state, state.step + 1, load_sum), metrics
 
 
 jit_train_step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)

@@ -68,13 +68,13 @@ def tiny_checkpoint(tmp_path: Path) -> tuple[Path, transformers.Dots1ForCausalLM
 
 
 @contextlib.contextmanager
-def torch_one_thread():
+def torch_one_thread(grad: bool = False):
     """The reference on one thread: next to JAX's CPU thread pool, torch's default intra-op threads can make
-    a tiny forward 100x slower."""
+    a tiny forward 100x slower. Autograd is off unless `grad`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             yield
     finally:
         torch.set_num_threads(threads)

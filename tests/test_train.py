@@ -9,7 +9,6 @@ as fast as the three-layer one (a dense layer and a stack of two MoE layers) tha
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import jax
@@ -19,7 +18,7 @@ import optax
 import pytest
 import torch
 import transformers
-from conftest import hf_config, hf_model, random_ids, save
+from conftest import hf_config, hf_model, random_ids, save, torch_one_thread
 from flax import nnx
 
 import dots_jax
@@ -48,16 +47,6 @@ BALANCE_IDS = random_ids(VOCAB, 4, 32, seed=41)
 # default's ("loop"), and what they check does not depend on the backend. The gradient test uses the default;
 # test_grouped_matmul checks every backend's gradients, bf16 included.
 FAST = dict(moe_backend="ragged_dot")
-
-
-@contextlib.contextmanager
-def _torch_one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +118,7 @@ def _check_gradients_against_torch(ref: transformers.Dots1ForCausalLM, path) -> 
              for layer in ref.model.layers[cfg.first_k_dense_replace:]]
     ref.zero_grad(set_to_none=True)
     try:
-        with _torch_one_thread():
+        with torch_one_thread(grad=True):
             out = ref(torch.from_numpy(ids).long(), labels=torch.from_numpy(labels))
             out.loss.backward()
     finally:
@@ -382,6 +371,23 @@ def test_grad_accumulation_equals_one_step_on_the_concatenated_batch(two_layer_p
         moved = np.abs(want[p] - p0[p]).max()
         assert moved > 0, p
         assert np.abs(got[p] - want[p]).max() <= 0.02 * moved + 1e-7, p
+
+
+def test_grad_accumulation_moves_the_router_bias_once_per_optimizer_step(two_layer_path):
+    """The balancing rule runs once per optimizer step, on the load of all its micro-batches (as the paper
+    does once per training step): nothing after the first micro-step, then rate * sign(mean - summed load)."""
+    rate = 0.01
+    tc = dataclasses.replace(TC_ACCUM, bias_update_rate=rate)
+    ids = random_ids(VOCAB, 4, 32, seed=22)
+    graphdef, state = train.init_state(_load(two_layer_path, **FAST), tc)
+    bias0 = _bias(state)
+    state, m1 = train.jit_train_step(graphdef, tc, state, _next_token_batch(ids[:2]))
+    np.testing.assert_array_equal(_bias(state), bias0)
+    state, m2 = train.jit_train_step(graphdef, tc, state, _next_token_batch(ids[2:]))
+    load = np.asarray(m1["expert_load"], np.float64) + np.asarray(m2["expert_load"], np.float64)
+    want = bias0 + rate * np.sign(load.mean(axis=-1, keepdims=True) - load)
+    np.testing.assert_allclose(_bias(state), want, rtol=0, atol=1e-7)
+    assert not np.array_equal(_bias(state), bias0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
