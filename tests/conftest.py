@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 
@@ -78,3 +79,11 @@ def torch_one_thread(grad: bool = False):
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_cli(main, argv: list[str]) -> tuple[int, str, str]:
+    """A command-line main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()

@@ -5,15 +5,13 @@ kind of bad input.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import hf_config, hf_model, save
+from conftest import hf_config, hf_model, run_cli, save
 from test_tokenizer import save_bpe_tokenizer
 
 from dots_jax.sample import main
@@ -23,11 +21,7 @@ MAX_NEW_TOKENS = 5
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(main, argv)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ byte), and one clean `error:` line (exit 2) for each kind of bad input.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from dots_jax import checkpoint
 from dots_jax.config import preset
@@ -22,11 +21,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_main(argv: list[str]) -> tuple[int, str, str]:
-    """main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(argv)
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(main, argv)
 
 
 @pytest.fixture(scope="module")
