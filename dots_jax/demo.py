@@ -1,16 +1,20 @@
-"""The recipe of the embedded demo model: `python -m dots_jax.demo --out runs/demo [--steps N]`.
+"""The embedded demo model: its recipe and its evaluation.
+
+  python -m dots_jax.demo train --out runs/demo      # the exact command that produced dots_jax/demo_model
+  python -m dots_jax.demo evaluate                   # its held-out loss against a unigram baseline
 
 A small dots1-architecture model (dense first layer, MoE layers with shared experts, 16 routed experts, top-2:
 the same code path as the released model) trained with this project's own `python -m dots_jax.train` on a corpus
 that exists offline on every machine: the Python standard library's own top-level source files, with a byte-level
 BPE tokenizer trained on the same files. The result is an HF directory (config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json) under OUT/hf.
+tokenizer.json, tokenizer_config.json) under OUT/run/hf.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import sysconfig
@@ -20,7 +24,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
+SEQ_LEN = 256
+EVAL_FRACTION = 0.05  # the training CLI's default: the corpus's last 5% of tokens are held out
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"  # the shipped model (package data)
 
 
 def build_corpus(directory: Path) -> list[Path]:
@@ -64,37 +71,108 @@ def to_bfloat16(directory: Path) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dots_jax.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="work directory (corpus/, tokenizer/, the training run)")
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    args = parser.parse_args(argv)
+def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch: int = 16) -> dict:
+    """Held-out cross-entropy (nats/token) of the model and of a unigram baseline on the same tokens.
 
+    The held-out text is what training held out: the last EVAL_FRACTION of the stdlib corpus, tokenized with the
+    model's own tokenizer. The unigram model is the training split's token frequencies with add-one smoothing
+    over the vocabulary: the best a model can do that ignores context. Both are scored on the same targets (the
+    next tokens of the held-out windows), in float64 for the baseline and f32 for the model.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dots_jax.data import load_tokens, num_windows, split_eval
+    from dots_jax.hf_weights import from_pretrained
+    from dots_jax.tokenizer import Tokenizer as DotsTokenizer
+
+    tokens = load_tokens(stdlib_glob(), DotsTokenizer.from_dir(model_dir))
+    train_tokens, held = split_eval(tokens, EVAL_FRACTION, seq_len)
+    windows = num_windows(held, seq_len)
+    starts = np.arange(windows) * seq_len
+    inputs = held[starts[:, None] + np.arange(seq_len)]
+    targets = held[starts[:, None] + np.arange(1, seq_len + 1)]
+
+    model = from_pretrained(model_dir, dtype=jnp.float32, progress=False)
+    vocab = model.cfg.vocab_size
+
+    @jax.jit
+    def row_nll(ids: jax.Array, tgt: jax.Array) -> jax.Array:
+        logp = jax.nn.log_softmax(model(ids).astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0].sum(axis=-1)
+
+    total = 0.0
+    for i in range(0, windows, batch):
+        ids, tgt = inputs[i:i + batch], targets[i:i + batch]
+        pad = ((0, batch - len(ids)), (0, 0))  # one compiled shape: pad the last batch, drop the padded rows
+        total += float(row_nll(np.pad(ids, pad), np.pad(tgt, pad))[:len(ids)].sum())
+    model_loss = total / targets.size
+
+    counts = np.bincount(train_tokens, minlength=vocab).astype(np.float64) + 1.0
+    unigram_logp = np.log(counts / counts.sum())
+    unigram_loss = float(-unigram_logp[targets.reshape(-1)].mean())
+    return {"model_loss": model_loss, "unigram_loss": unigram_loss, "held_out_tokens": int(targets.size),
+            "train_tokens": int(train_tokens.size), "python": sys.version.split()[0], "model_dir": str(model_dir)}
+
+
+def stdlib_glob() -> str:
+    """The corpus: the running Python's top-level stdlib source files (a glob, sorted like build_corpus)."""
+    return str(Path(sysconfig.get_paths()["stdlib"]) / "*.py")
+
+
+def _train(args: argparse.Namespace) -> int:
     from dots_jax import train
 
     out = Path(args.out)
     files = build_corpus(out / "corpus")
     train_tokenizer(files, out / "tokenizer")
     config = json.loads(DEMO_CONFIG.read_text())
-    config["vocab_size"] = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json")).get_vocab_size()
-    config["eos_token_id"] = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json")).token_to_id(EOS)
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
+    config["vocab_size"] = tokenizer.get_vocab_size()
+    config["eos_token_id"] = tokenizer.token_to_id(EOS)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     code = train.main(["--config", str(out / "config.json"), "--data", str(out / "corpus"),
                        "--tokenizer", str(out / "tokenizer"), "--steps", str(args.steps), "--batch", str(args.batch),
                        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--eval-every", "200",
-                       "--save-every", "200", "--out", str(out / "run")])
+                       "--eval-fraction", str(EVAL_FRACTION), "--save-every", "200", "--out", str(out / "run")])
     if code:
         return code
     hf = out / "run" / "hf"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(out / "tokenizer" / name, hf / name)
     to_bfloat16(hf)
-    print(f"demo model written to {hf} (Python {sys.version.split()[0]} stdlib corpus)")
+    print(f"demo model written to {hf} (Python {sys.version.split()[0]} stdlib corpus); to ship it: "
+          f"cp {hf}/* {DEMO_MODEL_DIR}/")
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    result = evaluate(Path(args.model))
+    print(f"held-out cross-entropy, {result['held_out_tokens']} tokens of the Python {result['python']} stdlib "
+          f"corpus's last {EVAL_FRACTION:.0%} (never trained on):")
+    print(f"  demo model      {result['model_loss']:.3f} nats/token (perplexity {math.exp(result['model_loss']):.1f})")
+    print(f"  unigram model   {result['unigram_loss']:.3f} nats/token (perplexity "
+          f"{math.exp(result['unigram_loss']):.1f}; add-one smoothed counts of the {result['train_tokens']} "
+          "training tokens)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dots_jax.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_cmd = commands.add_parser("train", help="build the corpus and tokenizer, train, export OUT/run/hf")
+    train_cmd.add_argument("--out", required=True, help="work directory (corpus/, tokenizer/, the training run)")
+    train_cmd.add_argument("--steps", type=int, default=1200)
+    train_cmd.add_argument("--batch", type=int, default=16)
+    train_cmd.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    train_cmd.add_argument("--lr", type=float, default=3e-3)
+    eval_cmd = commands.add_parser("evaluate", help="held-out loss of a demo model against a unigram baseline")
+    eval_cmd.add_argument("--model", default=str(DEMO_MODEL_DIR),
+                          help="the model directory (default: the shipped demo model)")
+    args = parser.parse_args(argv)
+    return _train(args) if args.command == "train" else _evaluate(args)
 
 
 if __name__ == "__main__":

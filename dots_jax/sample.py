@@ -8,8 +8,8 @@ With one prompt the completion streams to stdout token by token; with several, e
 end under a label. stdout carries only the generated text (special tokens left out); loading notes and the timing
 line (time to first token, tokens/s) go to stderr. Bad input prints one `error: ...` line and exits with 2.
 
-Without --model there is no real model yet (the embedded demo model is still to come): the tiny random model of
-configs/tiny.json generates a few token ids, to show that the program runs.
+Without --model, the embedded demo model (dots_jax/demo_model: a 4-layer, 16-expert dots1 model trained on the
+Python standard library's source, see dots_jax/demo.py) completes the --prompt given, or a Python snippet.
 """
 
 from __future__ import annotations
@@ -27,17 +27,16 @@ import jax.numpy as jnp
 import jinja2
 import numpy as np
 
-from dots_jax.config import ConfigError, Dots1Config, preset
+from dots_jax.config import ConfigError, Dots1Config
+from dots_jax.demo import DEMO_MODEL_DIR
 from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
 from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
-from dots_jax.model import random_model
 from dots_jax.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_MAX_NEW_TOKENS = 128
-DEMO_MAX_NEW_TOKENS = 8  # the random model's output means nothing: a few ids show that generation runs
-DEMO_PROMPT_IDS = [1, 2, 3, 4, 5, 6, 7, 8]
+DEMO_PROMPT = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
 END_OF_RESPONSE = "<|endofresponse|>"  # where a dots1 chat turn ends (docs/dots1-reference.md)
 
 
@@ -59,11 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dots1 checkpoint in HF format: a local directory (config.json, *.safetensors and "
                              "tokenizer.json or tokenizer.model) or a Hugging Face repo id such as "
                              "rednote-hilab/dots.llm1.inst (downloaded into the HF cache; HF_HUB_OFFLINE=1 keeps "
-                             "to the cache). Default: the tiny random model of configs/tiny.json, which prints "
-                             "token ids, not text.")
+                             "to the cache). Default: the embedded demo model, which writes Python.")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="prompt text; repeat for a batch of prompts. '-' reads the prompt from stdin. "
-                             "Required with --model.")
+                             "Default (demo model only): a Python function header.")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message in the checkpoint's chat template "
                              "(tokenizer_config.json or chat_template.jinja; without one, the dots1 format "
@@ -73,9 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="system message for --chat (default: the template's, for dots1 "
                              "'You are a helpful assistant.')")
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
-                        help=f"most tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS}; "
-                             f"{DEMO_MAX_NEW_TOKENS} for the random model); generation also stops at the "
-                             "end-of-sequence token")
+                        help=f"most tokens to generate per prompt (default {DEFAULT_MAX_NEW_TOKENS}); generation "
+                             "also stops at the end-of-sequence token")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="sampling temperature, >= 0; 0 (the default) is greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, metavar="K",
@@ -87,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop tokens less likely than P times the most likely one, in [0, 1]; 0 (default) "
                              "is off")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
-                        help="random seed of the sampling (and of the random model's weights); default 0")
+                        help="random seed of the sampling; default 0")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                         help="dtype of the weights and activations (default float32)")
     parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
@@ -262,36 +259,16 @@ def run_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_random_demo(args: argparse.Namespace) -> int:
-    """No --model: the tiny random model of configs/tiny.json generates token ids (there is no tokenizer)."""
-    max_new_tokens = args.max_new_tokens or DEMO_MAX_NEW_TOKENS
-    ignored = [name for name, given in (("--prompt", args.prompt), ("--chat", args.chat)) if given]
-    print("note: no --model given, so this runs the tiny RANDOM model of configs/tiny.json: random weights and no "
-          "tokenizer, so it prints token ids, not text. For real text pass --model with a dots1 checkpoint "
-          "(an HF repo id such as rednote-hilab/dots.llm1.inst, or a local HF directory).")
-    if ignored:
-        print(f"note: {' and '.join(ignored)} ignored without --model")
-
-    start = time.perf_counter()
-    model = random_model(preset("tiny"), args.seed, dtype=DTYPES[args.dtype], moe_backend=args.moe_backend)
-    print(f"built the random model in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
-          file=sys.stderr)
-    progress = Progress()
-    start = time.perf_counter()
-    output = generate(model, DEMO_PROMPT_IDS, max_new_tokens=max_new_tokens, on_tokens=progress,
-                      **sampling_kwargs(args))
-    end = time.perf_counter()
-    print(f"prompt ids:    {DEMO_PROMPT_IDS}")
-    print(f"generated ids: {output.tokens[0]}")
-    print(timing_line(start, progress, end, output), file=sys.stderr)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
-        return run_model(args) if args.model else run_random_demo(args)
+        if args.model is None:
+            args.model = str(DEMO_MODEL_DIR)
+            args.prompt = args.prompt or [DEMO_PROMPT]
+            print(f"note: no --model given: the embedded demo model ({DEMO_MODEL_DIR}), a small dots1 model trained "
+                  "on the Python standard library; pass --model for a real checkpoint", file=sys.stderr)
+        return run_model(args)
     except (UserError, CheckpointError, ConfigError, ValueError, jinja2.TemplateError) as e:
         # One line, whatever the message: the library's messages name the file, field or argument at fault.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""`python -m dots_jax.sample`, run in-process through main(argv): the random default, a tiny HF checkpoint with
+"""`python -m dots_jax.sample`, run in-process through main(argv): a tiny HF checkpoint with
 its own tokenizer (greedy ids against transformers' generate, the oracle), and one clean `error:` line for each
 kind of bad input.
 """
@@ -38,16 +38,6 @@ def hello_run(checkpoint: Path) -> tuple[int, str, str]:
     """One greedy run on the checkpoint, shared by the tests that read its output (compiling is the slow part)."""
     return run_main(["--model", str(checkpoint), "--prompt", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS),
                      "--show-ids"])
-
-
-def test_default_run_uses_the_random_model():
-    # One new token: the prefill alone (the decode step's compile is paid by the checkpoint run).
-    code, out, err = run_main(["--max-new-tokens", "1"])
-    assert code == 0, err
-    assert "RANDOM model" in out and "--model" in out
-    ids = re.search(r"generated ids: \[(\d+)\]", out)
-    assert ids is not None and 0 <= int(ids.group(1)) < 256
-    assert "tokens/s" in err
 
 
 def test_checkpoint_run_prints_text_and_speed(hello_run):
