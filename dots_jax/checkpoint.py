@@ -167,34 +167,55 @@ def _rule_layers(rule: Rule, cfg: Dots1Config) -> Sequence[int | None]:
             "moe": range(k, cfg.num_hidden_layers)}[rule.layers]
 
 
-def hf_tensors(model: Dots1ForCausalLM) -> dict[str, np.ndarray]:
-    """Every parameter of `model` under its HF name (per-expert layout) in torch's layout and the params' dtype.
+@dataclasses.dataclass(frozen=True)
+class ExportEntry:
+    """One tensor of an HF export (per-expert layout): its HF name and where it lives in our model state."""
+    name: str
+    path: tuple[str, ...]  # our parameter in the model state
+    index: tuple[int, ...]  # leading index into that parameter: (), (layer-in-stack,) or (layer-in-stack, expert)
+    layer: int | None  # the HF layer index (None for the top-level tensors)
+    rule: Rule
 
-    Each tensor is pushed back through KEY_TABLE's forward transform and must reproduce our array exactly, and
-    every element of the model must be written exactly once: a table change that this inverse misses fails here.
-    """
-    cfg = model.cfg
-    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
-    tensors: dict[str, np.ndarray] = {}
-    written = 0
+    def to_hf(self, ours: np.ndarray, cfg: Dots1Config) -> np.ndarray:
+        """Our slice -> the HF tensor, pushed back through KEY_TABLE's forward transform, which must give back
+        our array exactly: a table change that _INVERSE misses fails here rather than exporting garbage."""
+        tensor = np.ascontiguousarray(_INVERSE[self.rule.to_jax](ours, cfg))
+        if not np.array_equal(np.asarray(self.rule.to_jax(tensor, cfg)), ours):
+            raise AssertionError(f"export of {self.name!r} does not invert KEY_TABLE's transform")
+        return tensor
+
+
+def export_entries(cfg: Dots1Config) -> list[ExportEntry]:
+    """Every tensor an HF export of a model with `cfg` holds, in KEY_TABLE order: the one inverse of the table,
+    shared by export_hf and the converter (convert.jax_to_hf)."""
+    entries = []
     for rule in KEY_TABLE:
         if not _rule_applies(rule, cfg):
             continue
-        forward = rule.to_jax
-        inverse = _INVERSE.get(forward)
-        if inverse is None:
+        if rule.to_jax not in _INVERSE:
             raise NotImplementedError(f"no inverse transform for the KEY_TABLE rule {rule.hf!r}")
         experts = range(cfg.n_routed_experts) if "{expert}" in rule.hf else [None]
         for layer in _rule_layers(rule, cfg):
             for expert in experts:
                 path, index = _target(_Match(rule, layer, expert), rule.targets[0], cfg)
-                ours = flat[path][index] if index else flat[path]
-                name = rule.hf.format(layer=layer, expert=expert)
-                tensor = np.ascontiguousarray(inverse(ours, cfg))
-                if not np.array_equal(np.asarray(forward(tensor, cfg)), ours):
-                    raise AssertionError(f"export of {name!r} does not invert KEY_TABLE's transform")
-                tensors[name] = tensor
-                written += tensor.size
+                entries.append(ExportEntry(rule.hf.format(layer=layer, expert=expert), path, index, layer, rule))
+    return entries
+
+
+def hf_tensors(model: Dots1ForCausalLM) -> dict[str, np.ndarray]:
+    """Every parameter of `model` under its HF name (per-expert layout) in torch's layout and the params' dtype.
+
+    Each tensor is checked against KEY_TABLE's forward transform (ExportEntry.to_hf), and every element of the
+    model must be written exactly once.
+    """
+    cfg = model.cfg
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
+    tensors: dict[str, np.ndarray] = {}
+    written = 0
+    for entry in export_entries(cfg):
+        ours = flat[entry.path][entry.index] if entry.index else flat[entry.path]
+        tensors[entry.name] = entry.to_hf(ours, cfg)
+        written += ours.size
     total = sum(value.size for value in flat.values())
     if written != total:
         raise AssertionError(f"exported {written} of the model's {total} parameter elements")

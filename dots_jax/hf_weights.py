@@ -233,10 +233,42 @@ def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.fl
     """
     directory = resolve(path)
     cfg = Dots1Config.from_hf(directory)
+    opened, plan = plan_tensors(directory, cfg)
+    abstract = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                       moe_backend=moe_backend, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items()}, directory)
+    buffers: dict[tuple[str, ...], jax.Array] = {}
+
+    for key, file, m in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
+        arrays = m.rule.to_jax(opened[file][key], cfg)
+        arrays = arrays if isinstance(arrays, tuple) else (arrays,)
+        for name, value in zip(m.rule.targets, arrays, strict=True):
+            target, index = _target(m, name, cfg)
+            var = flat[target]
+            if target not in buffers:
+                buffers[target] = jnp.zeros(var.get_value().shape, var.get_value().dtype)
+            array = np.asarray(value, dtype=var.get_value().dtype)
+            if index:
+                buffers[target] = _write(buffers[target], array, jnp.asarray(index, jnp.int32))
+            else:
+                buffers[target] = jnp.asarray(array)
+
+    for path, var in flat.items():
+        var.set_value(buffers[path])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+Plan = list[tuple[str, Path, _Match]]  # (tensor name, the file holding it, the rule consuming it)
+
+
+def plan_tensors(directory: Path, cfg: Dots1Config) -> tuple[dict[Path, SafetensorsFile], Plan]:
+    """(opened shards, [(tensor name, its file, its rule match)] in file order): the whole checkpoint checked
+    against KEY_TABLE and config.json (names, layers, experts, shapes) from the headers alone, before any data
+    is read, so a bad checkpoint fails fast."""
     files = checkpoint_files(directory)
     opened = {path: SafetensorsFile(path) for path in sorted(set(files.values()))}
-
-    # Check the whole checkpoint against the table before reading a byte, so a bad one fails fast.
     plan = []
     for key, file in sorted(files.items(), key=lambda kv: (str(kv[1]), kv[0])):
         m = match_key(key, cfg)
@@ -247,45 +279,31 @@ def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.fl
             raise CheckpointError(f"tensor {key!r} in {file.name} has shape {stored}, but config.json implies "
                                   f"{expected} = ({', '.join(m.rule.hf_shape)})")
         plan.append((key, file, m))
+    return opened, plan
 
-    abstract = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                       moe_backend=moe_backend, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = dict(nnx.to_flat_state(state))
-    buffers: dict[tuple[str, ...], jax.Array] = {}
-    filled_by: dict[tuple[str, ...], np.ndarray] = {}  # path -> per-slot name of the tensor that filled it
 
-    for key, file, m in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
-        arrays = m.rule.to_jax(opened[file][key], cfg)
-        arrays = arrays if isinstance(arrays, tuple) else (arrays,)
-        for name, value in zip(m.rule.targets, arrays, strict=True):
+def check_coverage(plan: Plan, cfg: Dots1Config,
+                   shapes: dict[tuple[str, ...], tuple[int, ...]], directory: Path) -> None:
+    """Every slot of every parameter (`shapes`: path in the model state -> shape) filled by exactly one tensor
+    of the plan, or a CheckpointError naming the tensor(s): decided from names alone, before reading data."""
+    filled_by: dict[tuple[str, ...], np.ndarray] = {}  # path -> per-slot name of the tensor that fills it
+    for key, _, m in plan:
+        for name in m.rule.targets:
             target, index = _target(m, name, cfg)
-            if target not in flat:
+            if target not in shapes:
                 raise CheckpointError(f"tensor {key!r} maps to {'.'.join(target)}, which this config lacks")
-            var = flat[target]
-            if target not in buffers:
-                buffers[target] = jnp.zeros(var.get_value().shape, var.get_value().dtype)
-                filled_by[target] = np.full(var.get_value().shape[:_slot_dims(target)], "", dtype=object)
+            if target not in filled_by:
+                filled_by[target] = np.full(shapes[target][:_slot_dims(target)], "", dtype=object)
             owners = filled_by[target][index] if index else filled_by[target]
             already = [o for o in np.ravel(owners) if o]
             if already:
                 raise CheckpointError(f"tensor {key!r} fills {'.'.join(target)}{list(index)}, already filled by "
                                       f"{already[0]!r} (two expert layouts mixed?)")
             filled_by[target][index] = key
-            array = np.asarray(value, dtype=var.get_value().dtype)
-            if index:
-                buffers[target] = _write(buffers[target], array, jnp.asarray(index, jnp.int32))
-            else:
-                buffers[target] = jnp.asarray(array)
-
-    missing = [_hf_name(path, slot, cfg) for path in flat for slot in _empty_slots(path, filled_by, flat)]
+    missing = [_hf_name(path, slot, cfg) for path in shapes for slot in _empty_slots(path, filled_by, shapes)]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {directory} is missing tensors: {', '.join(missing[:5])}{more}")
-
-    for path, var in flat.items():
-        var.set_value(buffers[path])
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def _slot_dims(path: tuple[str, ...]) -> int:
@@ -296,9 +314,9 @@ def _slot_dims(path: tuple[str, ...]) -> int:
     return 2 if routed and len(path) == 3 else 1
 
 
-def _empty_slots(path: tuple[str, ...], filled_by: dict, flat: dict) -> list[tuple[int, ...]]:
+def _empty_slots(path: tuple[str, ...], filled_by: dict, shapes: dict) -> list[tuple[int, ...]]:
     if path not in filled_by:
-        lead = flat[path].get_value().shape[:_slot_dims(path)]
+        lead = shapes[path][:_slot_dims(path)]
         return [tuple(s) for s in np.ndindex(*lead)] if lead else [()]
     return [tuple(int(i) for i in s) for s in np.argwhere(filled_by[path] == "")]
 

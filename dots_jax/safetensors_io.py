@@ -78,6 +78,25 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start)
         return self._mmap[begin:end].view(dtype).reshape(shape)
 
+    def read(self, name: str) -> np.ndarray:
+        """The tensor copied into fresh memory with a plain read(), not through the memory map.
+
+        Why: pages of a memory map that have been touched count toward the process's RSS until it is unmapped,
+        so streaming shard after shard through __getitem__ grows RSS by whole shards; read() leaves the file's
+        pages in the page cache only (what the converter needs for bounded memory).
+        """
+        if name not in self._info:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, begin, end = self._info[name]
+        out = np.empty(shape, dtype)
+        with open(self.path, "rb") as handle:
+            handle.seek(self._data_start + begin)
+            got = handle.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+        if got != end - begin:
+            raise SafetensorsError(f"{self.path}: truncated while reading tensor {name!r} ({got} of {end - begin} "
+                                   "bytes)")
+        return out
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._info)
 
