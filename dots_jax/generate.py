@@ -7,6 +7,7 @@ row's next token at the same cache slot, at that row's own position.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
@@ -15,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from dots_jax.cache import KVCache
 from dots_jax.cpu_tuning import tune_allocator
 from dots_jax.model import Dots1ForCausalLM
+from dots_jax.sharding import cache_shardings, check_shardable, shard_state
 
 MIN_BUCKET = 16
 
@@ -135,11 +138,15 @@ def generate(
     seed: int = 0,
     stop_token_ids: Sequence[int] | None = None,
     on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts (text needs a tokenizer; token ids do not).
 
     Stops each sequence at a stop token (default: the config's eos_token_id) or after max_new_tokens.
     `on_tokens(step, tokens [B], active [B])` is called after every step (for streaming).
+    With a `mesh` (dots_jax.sharding.make_mesh) the weights and the KV cache are split by the sharding table
+    and every step runs under it (expert parallelism included); a mesh that cannot split the model is rejected
+    before anything compiles.
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p)
     tune_allocator()
@@ -170,25 +177,29 @@ def generate(
     cache = KVCache.create(cfg, len(batch_ids), prompt_len + bucket_length(max_new_tokens), model.dtype)
 
     graphdef, state = nnx.split(model)
+    if mesh is not None:
+        check_shardable(cfg, mesh)
+        state, cache = shard_state(state, mesh), jax.device_put(cache, cache_shardings(cache, mesh))
     args = sampling.as_arrays()
     base_key = jax.random.key(seed)
-    tokens, _, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), cache,
-                                jax.random.fold_in(base_key, 0), args)
-    out: list[list[int]] = [[] for _ in batch_ids]
-    active = np.ones(len(batch_ids), bool)
-    for step in range(max_new_tokens):
-        host_tokens = np.asarray(tokens)
-        for i in np.flatnonzero(active):
-            out[i].append(int(host_tokens[i]))
-            if int(host_tokens[i]) in stops:
-                active[i] = False
-        if on_tokens is not None:
-            on_tokens(step, host_tokens, active)
-        if not active.any() or step == max_new_tokens - 1:
-            break
-        positions = jnp.asarray(lengths + step)
-        tokens, _, cache = _decode_step(graphdef, state, tokens, positions, cache,
-                                        jax.random.fold_in(base_key, step + 1), args)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # the model reads the mesh
+        tokens, _, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), cache,
+                                    jax.random.fold_in(base_key, 0), args)
+        out: list[list[int]] = [[] for _ in batch_ids]
+        active = np.ones(len(batch_ids), bool)
+        for step in range(max_new_tokens):
+            host_tokens = np.asarray(tokens)
+            for i in np.flatnonzero(active):
+                out[i].append(int(host_tokens[i]))
+                if int(host_tokens[i]) in stops:
+                    active[i] = False
+            if on_tokens is not None:
+                on_tokens(step, host_tokens, active)
+            if not active.any() or step == max_new_tokens - 1:
+                break
+            positions = jnp.asarray(lengths + step)
+            tokens, _, cache = _decode_step(graphdef, state, tokens, positions, cache,
+                                            jax.random.fold_in(base_key, step + 1), args)
     text = [tokenizer.decode(t) for t in out] if tokenizer is not None else None
     return GenerateOutput(tokens=out, text=text, prompt_tokens=batch_ids)
 

@@ -3,6 +3,8 @@
 Weights are stored [in, out] (JAX convention); routed experts as [E, in, out]. Every parameter carries logical
 axis names in its `out_sharding` metadata, so the sharding table (dots_jax.sharding) needs no model change.
 Layers of one kind (dense, MoE) are created stacked on a leading "layers" axis and run under one jax.lax.scan.
+Under `jax.set_mesh(dots_jax.sharding.make_mesh(...))` the residual stream is constrained at every layer boundary
+and the routed experts run expert-parallel in shard_map; without a mesh nothing changes.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from flax import nnx
 
 from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
-from dots_jax.moe import RouterStats, moe_experts, route, routing_stats, silu
+from dots_jax.moe import EXPERT_AXIS, RouterStats, expert_parallel, moe_experts, route, routing_stats, silu
+from dots_jax.sharding import constrain, current_mesh
 
 DType = jnp.dtype | type
 NO_WINDOW = 2**30  # the "window" of a full-attention layer: larger than any sequence
+ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, S, H]
 
 
 class RouterBias(nnx.Variable):
@@ -158,8 +162,13 @@ class MoE(nnx.Module):
     def __call__(self, x: jax.Array, token_valid: jax.Array) -> tuple[jax.Array, RouterStats]:
         """x [B, S, H]; token_valid [B, S] (padding is left out of the routing statistics)."""
         weights, experts, logits = self.router_outputs(x)
-        routed = moe_experts(x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...],
-                             self.up_proj[...], self.down_proj[...], backend=self.moe_backend)
+        args = (x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...], self.up_proj[...],
+                self.down_proj[...])
+        mesh = current_mesh()
+        if mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
+            routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend)
+        else:
+            routed = moe_experts(*args, backend=self.moe_backend)
         out = routed.reshape(x.shape)
         b, s = x.shape[:2]
         stats = routing_stats(logits.reshape(b, s, -1), experts.reshape(b, s, -1), token_valid)
@@ -220,7 +229,7 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: jax.Array, cos
         layer_state, window, kv = layer_in
         mask = make_attention_mask(q_pos, k_pos, key_valid, window)
         h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, token_valid, kv, index)
-        return h, (kv, stats)
+        return constrain(h, ACTIVATION), (kv, stats)
 
     kv_in = None if cache is None else (cache.k, cache.v)
     x, (kv_out, stats) = jax.lax.scan(body, x, (state, windows, kv_in))
@@ -294,7 +303,7 @@ class Dots1ForCausalLM(nnx.Module):
             k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, index))
             key_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
 
-        x = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype)
+        x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype), ACTIVATION)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, dtype)
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
@@ -304,7 +313,7 @@ class Dots1ForCausalLM(nnx.Module):
                                          key_valid, valid, None if cache is None else cache.moe, index)
         x = self.norm(x)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = x @ head.astype(dtype)
+        logits = constrain(x @ head.astype(dtype), ("batch", "seq", "act_vocab"))
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
         return logits, cache, stats

@@ -3,16 +3,26 @@
 route():     sigmoid router in f32 with the correction bias used for selection only (DeepSeek-V3 style).
 moe_experts(): sort token copies by expert, grouped matmuls, unsort, weighted combine in f32, one cast.
 The grouped matmul is `grouped_matmul.gmm`, one signature with several backends (see that module).
+expert_parallel(): the same under a mesh, in shard_map: each expert shard runs only its own experts, combined
+by a psum (decode, small batches) or by an all_to_all token exchange (large batches).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dots_jax.grouped_matmul import gmm
+
+EXPERT_AXIS = "expert"
+# Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
+TOKEN_AXES = ("data", "fsdp", "tensor")
+A2A_MIN_TOKENS = 16  # tokens per device from which the all_to_all exchange replaces the psum
 
 
 def route(
@@ -94,27 +104,134 @@ def moe_experts(
     x [T, H] in the activation dtype; weights [T, k] f32; indices [T, k]; gate/up [E, H, I]; down [E, I, H].
     Returns sum_k weights[t, k] * expert_{indices[t, k]}(x[t]), accumulated in f32 and cast once to x.dtype.
     """
+    return local_experts(x, weights, indices, gate, up, down, first_expert=0, backend=backend).astype(x.dtype)
+
+
+def local_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+                  down: jax.Array, *, first_expert: jax.Array | int, backend: str = "auto") -> jax.Array:
+    """The f32 combine of the copies routed to experts first_expert .. first_expert + E_local - 1, whose
+    weights gate/up/down [E_local, ...] hold (megablox's `group_offset`); copies routed elsewhere add zero.
+    Summed over all expert shards (a psum) this is moe_experts before its cast."""
     num_tokens, top_k = indices.shape
-    num_experts = gate.shape[0]
-    dtype = x.dtype
-    flat_experts = indices.reshape(-1)  # [T*k], copy c belongs to token c // k
-    order = jnp.argsort(flat_experts, stable=True)
-    group_sizes = jnp.bincount(flat_experts, length=num_experts).astype(jnp.int32)
-    rows = x[order // top_k]  # token copies, sorted by expert
+    copy_token = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k  # copy c belongs to token c // k
+    out = expert_ffn(x, copy_token, indices.reshape(-1) - first_expert, gate, up, down, backend=backend)
+    return jnp.einsum("tkh,tk->th", out.reshape(num_tokens, top_k, -1).astype(jnp.float32),
+                      weights.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: jax.Array, up: jax.Array,
+               down: jax.Array, *, backend: str = "auto") -> jax.Array:
+    """out[c] = SwiGLU expert `group[c]` applied to source[row_index[c]], or zeros where group[c] is outside
+    [0, E) (another shard's expert, or padding). source [N, H]; row_index, group [C]; returns [C, H]."""
+    num_groups = gate.shape[0]
+    dtype = source.dtype
+    group = jnp.where((group >= 0) & (group < num_groups), group, num_groups)  # foreign rows sort last
+    order = jnp.argsort(group, stable=True)
+    # Counting the foreign rows as one extra group and dropping it leaves them past sum(group_sizes): zeros.
+    group_sizes = jnp.bincount(group, length=num_groups + 1)[:num_groups].astype(jnp.int32)
+    rows = source[row_index[order]]  # sorted by group
 
     h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
     h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
     h = silu(h_gate) * h_up
-    out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [T*k, H]
+    out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [C, H]
 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    out = out_sorted[inverse].reshape(num_tokens, top_k, -1)
-    combined = jnp.einsum("tkh,tk->th", out.astype(jnp.float32), weights.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
-    return combined.astype(dtype)
+    return out_sorted[inverse]
 
 
 def silu(x: jax.Array) -> jax.Array:
     """SiLU computed in f32 and cast back, as torch does for bf16 inputs."""
     return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+# ======================================================================================== expert parallelism
+def ep_strategy(num_tokens: int, mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh) -> str:
+    """"all_to_all" when the tokens split evenly over every device with at least A2A_MIN_TOKENS each,
+    else "psum" (decode steps, small or odd batches)."""
+    devices = mesh.shape[EXPERT_AXIS] * _size(mesh, TOKEN_AXES)
+    return "all_to_all" if num_tokens % devices == 0 and num_tokens // devices >= A2A_MIN_TOKENS else "psum"
+
+
+def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+                    down: jax.Array, *, mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
+                    backend: str = "auto", strategy: str = "auto") -> jax.Array:
+    """moe_experts with the experts split over the mesh's "expert" axis (gate/up/down [E, ...] sharded on E).
+
+    "psum": tokens split over the non-expert axes and whole on each expert shard; each shard computes the
+    copies routed to its own experts, and a psum over "expert" adds the partial f32 sums.
+    "all_to_all": tokens split over every axis; each device sends its token copies to the shards owning their
+    experts, computes what it received, and sends the results back. The exchange is padded (every
+    destination gets a buffer for all T*k copies, so nothing is ever dropped): it runs on any backend, but
+    moves ~k times the bytes of the psum; a ragged_all_to_all exchange (TPU/GPU) is the intended large-batch
+    path and is not written yet.
+    """
+    num_experts = gate.shape[0]
+    shards = mesh.shape[EXPERT_AXIS]
+    if num_experts % shards:
+        raise ValueError(f"n_routed_experts={num_experts} is not divisible by the expert axis ({shards})")
+    strategy = ep_strategy(x.shape[0], mesh) if strategy == "auto" else strategy
+    if strategy == "psum":
+        tokens = P(_dividing_axes(x.shape[0], mesh, TOKEN_AXES))
+        body = functools.partial(_ep_psum, backend=backend)
+    elif strategy == "all_to_all":
+        tokens = P((*TOKEN_AXES, EXPERT_AXIS))
+        body = functools.partial(_ep_all_to_all, backend=backend)
+    else:
+        raise ValueError(f"unknown expert-parallel strategy {strategy!r}: 'auto', 'psum' or 'all_to_all'")
+    experts = P(EXPERT_AXIS)
+    # check_vma=False: the gmm backends' loops (and Pallas kernels) start from unannotated zeros, which the
+    # varying-axes check rejects. The gradients are checked against the single-device model in the tests.
+    combined = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                             out_specs=tokens, check_vma=False)(x, weights, indices, gate, up, down)
+    return combined.astype(x.dtype)
+
+
+def _ep_psum(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+             down: jax.Array, *, backend: str) -> jax.Array:
+    first = jax.lax.axis_index(EXPERT_AXIS) * gate.shape[0]
+    partial = local_experts(x, weights, indices, gate, up, down, first_expert=first, backend=backend)
+    return jax.lax.psum(partial, EXPERT_AXIS)  # f32: one rounding, at the final cast
+
+
+def _ep_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+                   down: jax.Array, *, backend: str) -> jax.Array:
+    num_tokens, top_k = indices.shape
+    shards, local = jax.lax.axis_size(EXPERT_AXIS), gate.shape[0]
+    copies = num_tokens * top_k
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by expert, hence by destination shard
+    dest = flat[order] // local
+    counts = jnp.bincount(dest, length=shards)
+    slot = jnp.arange(copies, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[dest]  # place in dest's block
+
+    # Send buffers [shards, copies, H]: block d holds the copies for shard d; unused slots get group `local`
+    # (past the last local expert), so the receiver computes zeros for them.
+    send = jnp.zeros((shards, copies, x.shape[1]), x.dtype).at[dest, slot].set(x[order // top_k])
+    send_group = jnp.full((shards, copies), local, jnp.int32).at[dest, slot].set(flat[order] - dest * local)
+    recv = jax.lax.all_to_all(send, EXPERT_AXIS, 0, 0)  # recv[s]: what shard s sent here
+    recv_group = jax.lax.all_to_all(send_group, EXPERT_AXIS, 0, 0)
+
+    rows = shards * copies
+    out = expert_ffn(recv.reshape(rows, -1), jnp.arange(rows, dtype=jnp.int32), recv_group.reshape(rows),
+                     gate, up, down, backend=backend)
+    back = jax.lax.all_to_all(out.reshape(shards, copies, -1), EXPERT_AXIS, 0, 0)  # back[d]: from shard d
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(copies, dtype=order.dtype))
+    per_copy = back[dest, slot][inverse].reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tkh,tk->th", per_copy.astype(jnp.float32), weights.astype(jnp.float32),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _size(mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh, axes: tuple[str, ...]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _dividing_axes(n: int, mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
+                   axes: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The axes (in order, skipping any that would not divide) that split n rows evenly."""
+    chosen: list[str] = []
+    for a in axes:
+        if mesh.shape[a] > 1 and n % (_size(mesh, tuple(chosen)) * mesh.shape[a]) == 0:
+            chosen.append(a)
+    return tuple(chosen) or None

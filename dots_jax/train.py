@@ -116,15 +116,27 @@ def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, 
                                 jnp.zeros(load_shape, jnp.float32))
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per position, in f32: logits [..., V], targets [...] int -> [...].
+
+    Written as logsumexp minus the target's logit picked by a compare against an iota, not log_softmax then
+    take_along_axis: the gradient of that gather is a scatter into a zero-filled [..., V] array, which on XLA:CPU
+    cost as much as the LM head's matmuls (fills and scatters of the largest activation of the step); this way
+    the gradient, softmax - one_hot, is one elementwise pass.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logit = jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0).sum(axis=-1)
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
 def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
             balance_loss_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss."""
     model = nnx.merge(graphdef, params, router_bias)
     logits, _, stats = model.forward(batch.inputs)
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_nll = -jnp.take_along_axis(log_probs, batch.targets[..., None], axis=-1)[..., 0]
     mask = batch.loss_mask.astype(jnp.float32)
-    ce = (token_nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    ce = (token_nll(logits, batch.targets) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     if stats is None:  # a model without MoE layers
         return ce, {"ce": ce, "balance_loss": jnp.zeros(()), "expert_load": jnp.zeros((0, 0))}
     balance = stats.balance_loss.mean()
@@ -139,7 +151,10 @@ def update_router_bias(router_bias: nnx.State, expert_load: jax.Array, rate: flo
 
 def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch: Batch
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One (micro-)step: gradients, AdamW update, balancing update. Pure; jit it with graphdef and tc static."""
+    """One (micro-)step: gradients, AdamW update, balancing update. Pure; jit it with graphdef and tc static.
+
+    Sharded: place the state with `dots_jax.sharding.shard_state(state, mesh)` and call the step inside
+    `with jax.set_mesh(mesh):` (the model reads the mesh there: activation constraints, expert parallelism)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
