@@ -32,6 +32,7 @@ from dots_jax.demo import DEMO_MODEL_DIR
 from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
 from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
+from dots_jax.sharding import make_mesh
 from dots_jax.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -91,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grouped-matmul implementation of the routed experts; auto (default) lets "
                              "dots_jax.grouped_matmul choose for the device")
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
-                        help="device mesh for sharding, e.g. expert=8. Not available yet: sharding arrives with "
-                             "the scale issue, so giving --mesh is an error (exit 2) for now.")
+                        help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
+                             "e.g. expert=8 or fsdp=4,expert=16 (the sizes must multiply to the device count); "
+                             "default: one device")
     parser.add_argument("--show-ids", action="store_true",
                         help="after the text, also print the prompt and generated token ids")
     return parser
@@ -102,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range values up front, naming the option (the checks are written so that NaN fails)."""
     if args.mesh is not None:
-        raise UserError(f"--mesh {args.mesh}: sharding arrives with the scale issue; run without --mesh for now")
+        try:
+            args.mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise UserError(f"--mesh {args.mesh}: {e}") from None
     if args.max_new_tokens is not None and not args.max_new_tokens >= 1:
         raise UserError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     if not args.temperature >= 0:
@@ -241,7 +246,7 @@ def run_model(args: argparse.Namespace) -> int:
     progress = Progress(StreamDecoder(tokenizer, skip_special_tokens=True) if len(batch) == 1 else None)
     start = time.perf_counter()
     output = generate(model, batch, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stops),
-                      on_tokens=progress, **sampling_kwargs(args))
+                      on_tokens=progress, mesh=args.mesh, **sampling_kwargs(args))
     end = time.perf_counter()
 
     if progress.stream is not None:

@@ -75,7 +75,8 @@ def test_greedy_ids_match_transformers_generate(checkpoint, hello_run):
     (["--prompt", "hi", "--temperature", "-1"], ["--temperature"]),
     (["--prompt", "hi", "--top-k", "-1"], ["--top-k"]),
     (["--prompt", "hi", "--top-k", "two"], ["--top-k"]),
-    (["--prompt", "hi", "--mesh", "expert=8"], ["--mesh", "scale issue"]),
+    (["--prompt", "hi", "--mesh", "expert=8"], ["--mesh", "8 devices, but there are 1"]),
+    (["--prompt", "hi", "--mesh", "experts=1"], ["--mesh", "unknown axis 'experts'"]),
     (["--prompt", "hello " * 600], ["--prompt", "max_position_embeddings", "512"]),
 ])
 def test_bad_input_is_one_error_line(checkpoint, args, names):
