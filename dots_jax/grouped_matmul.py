@@ -15,7 +15,9 @@ Backends (all take the same arguments and agree to float rounding):
   "loop"        the fast one on CPU: pads each group to a multiple of a row tile, then loops over the tiles
                 that hold real rows, one small [T, k] @ [k, n] matmul each, with a hand-written backward.
   "gather"      one weight matrix gathered per row: reads only the chosen groups; best for decode (2m <= g).
-"auto" picks default_backend(m, g): on CPU "gather" when 2m <= g, else "loop"; "ragged_dot" elsewhere.
+  "pallas"      our Pallas kernels (pallas_kernels/gmm.py): Mosaic on TPU, Triton-lowered on GPU; on CPU the
+                TPU kernel runs in the Pallas interpreter (slow: for tests, never picked by "auto" on CPU).
+"auto" picks default_backend(m, g): "pallas" on TPU and GPU; on CPU "gather" when 2m <= g, else "loop".
 
 register_backend() adds a backend (for example a Pallas kernel) without touching any caller.
 All backends accumulate in f32 and cast once to the output dtype.
@@ -31,9 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BACKENDS", "default_backend", "gmm", "gmm_dense", "gmm_gather", "gmm_loop", "gmm_ragged_dot",
-           "loop_row_tile",
-           "register_backend"]
+__all__ = ["BACKENDS", "default_backend", "gmm", "gmm_dense", "gmm_gather", "gmm_loop", "gmm_pallas",
+           "gmm_ragged_dot", "loop_row_tile", "register_backend"]
 
 # A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
 # preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
@@ -83,9 +84,11 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def default_backend(m: int | None = None, g: int | None = None) -> str:
-    """'ragged_dot' off CPU. On CPU (where ragged_dot is a g-times-too-much masked product): 'gather' for
-    decode-sized problems (2m <= g rows: it reads only the chosen experts' weights; measured, it loses to
-    'loop' from about m = g on, see benchmarks/gmm_cpu.py), else 'loop'."""
+    """'pallas' on TPU and GPU. On CPU (where ragged_dot is a g-times-too-much masked product and Pallas only
+    interprets): 'gather' for decode-sized problems (2m <= g rows: it reads only the chosen experts' weights;
+    measured, it loses to 'loop' from about m = g on, see benchmarks/gmm_cpu.py), else 'loop'."""
+    if jax.default_backend() in ("tpu", "gpu"):
+        return "pallas"
     if jax.default_backend() != "cpu":
         return "ragged_dot"
     return "gather" if m is not None and g is not None and 2 * m <= g else "loop"
@@ -324,9 +327,31 @@ def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     return jnp.where(valid[:, None], out, 0.0).astype(preferred_element_type)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# "pallas"
+
+
+def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+               preferred_element_type: jnp.dtype) -> jax.Array:
+    """pallas_kernels.gmm: the Mosaic kernel on TPU, the Triton one on GPU, the interpreted Mosaic kernel on
+    CPU. Tiles come from its per-shape table; rows past sum(group_sizes) are written as zeros by the kernel."""
+    # Imported here: Pallas (and on GPU its Triton lowering) is only loaded by those who use this backend.
+    from pallas_kernels import gmm as pallas_gmm
+
+    def kernel(platform: str, interpret: bool) -> Callable[..., jax.Array]:
+        return functools.partial(pallas_gmm.gmm, preferred_element_type=preferred_element_type,
+                                 platform=platform, interpret=interpret)
+
+    # Chosen when lowering, not from jax.default_backend(): a CPU host compiling ahead of time for a TPU
+    # (jax.jit(...).lower(...) on TPU devices) must get the Mosaic kernel, not the interpreter.
+    return jax.lax.platform_dependent(lhs, rhs, group_sizes, tpu=kernel("tpu", False), cuda=kernel("gpu", False),
+                                      rocm=kernel("gpu", False), default=kernel("tpu", True))
+
+
 BACKENDS: dict[str, Backend] = {
     "ragged_dot": gmm_ragged_dot,
     "dense": gmm_dense,
     "loop": gmm_loop,
     "gather": gmm_gather,
+    "pallas": gmm_pallas,
 }

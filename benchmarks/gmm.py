@@ -1,0 +1,156 @@
+"""GPU throughput of the grouped matmul at dots1 shapes: our Pallas kernel vs jax.lax.ragged_dot vs torch.
+
+    python benchmarks/gmm.py                        # table + benchmarks/results/gmm_gpu.json
+    python benchmarks/gmm.py --rows 512 2048 --experts 16
+
+For each rows-per-expert count and each direction (k=4096 -> n=1408, the gate/up projection, and back,
+k=1408 -> n=4096, the down projection) it times the forward (2mkn flops) and the forward plus the gradients
+of lhs and rhs (6mkn flops), in bf16 with equal group sizes, and reports TFLOP/s next to the GPU's measured
+bf16 matmul peak (a dense 8192^3 jnp.dot timed the same way). torch's entry is torch._grouped_mm where this
+torch has it (CUDA, sm90+), else a loop of torch.mm over the experts; torch is skipped when it has no CUDA.
+Compilation and warm-up are never timed; each cell is the median of --repeats runs.
+
+Needs a GPU: exits with a message otherwise (the Pallas kernel runs on CPU only in the interpreter, which
+says nothing about speed; see benchmarks/gmm_cpu.py for the CPU backends).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from pallas_kernels import gmm as pallas_gmm  # noqa: E402
+
+DIRECTIONS = [("gate/up", 4096, 1408), ("down", 1408, 4096)]  # (name, k, n)
+
+
+def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], None]) -> list[float]:
+    sync(fn())  # warm-up (compiled before this)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sync(fn())
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def jax_cell(matmul: Callable, mode: str, lhs, rhs, group_sizes, d_out) -> Callable[[], object]:
+    def loss(a, b):
+        return jnp.vdot(matmul(a, b, group_sizes).astype(jnp.float32), d_out.astype(jnp.float32))
+
+    fn = (lambda a, b: matmul(a, b, group_sizes)) if mode == "fwd" else jax.grad(loss, argnums=(0, 1))
+    compiled = jax.jit(fn).lower(lhs, rhs).compile()
+    return lambda: compiled(lhs, rhs)
+
+
+def torch_cell(mode: str, lhs: np.ndarray, rhs: np.ndarray, sizes: np.ndarray, d_out: np.ndarray):
+    """(callable, label) for torch, or None when torch or CUDA is missing."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    a = torch.from_numpy(lhs.astype(np.float32)).to("cuda", torch.bfloat16).requires_grad_(mode != "fwd")
+    b = torch.from_numpy(rhs.astype(np.float32)).to("cuda", torch.bfloat16).requires_grad_(mode != "fwd")
+    dy = torch.from_numpy(d_out.astype(np.float32)).to("cuda", torch.bfloat16)
+    offsets = torch.from_numpy(np.cumsum(sizes).astype(np.int32)).cuda()
+    grouped = getattr(torch, "_grouped_mm", None)
+
+    def forward():
+        if grouped is not None:
+            return grouped(a, b, offs=offsets), "torch._grouped_mm"
+        bounds = np.concatenate([[0], np.cumsum(sizes)])
+        pieces = [a[s:e] @ b[g] for g, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+        return torch.cat(pieces), "torch.mm loop"
+
+    _, label = forward()
+
+    def run():
+        out, _ = forward()
+        if mode != "fwd":
+            torch.autograd.grad(out, (a, b), dy)
+        return out
+
+    return run, label
+
+
+def peak_tflops(repeats: int) -> float:
+    a = jnp.ones((8192, 8192), jnp.bfloat16)
+    matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
+    ms = statistics.median(median_ms(lambda: matmul(a, a), repeats, jax.block_until_ready))
+    return 2 * 8192**3 / (ms * 1e-3) / 1e12
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "gmm_gpu.json")
+    parser.add_argument("--rows", nargs="*", type=int, default=[512, 1024, 2048, 4096, 8192],
+                        help="rows per expert")
+    parser.add_argument("--experts", type=int, default=16, help="experts in one call (128 / expert shards)")
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    if jax.default_backend() != "gpu":
+        sys.exit(f"benchmarks/gmm.py needs a GPU; JAX sees {jax.default_backend()!r}. "
+                 "(For the CPU backends run benchmarks/gmm_cpu.py.)")
+
+    device = jax.devices()[0]
+    peak = peak_tflops(args.repeats)
+    print(f"jax {jax.__version__} on {device.device_kind}; measured bf16 matmul peak {peak:.1f} TFLOP/s; "
+          f"{args.experts} experts; median of {args.repeats} runs\n")
+    header = f"{'shape':<36} {'mode':<8} {'impl':<18} {'ms':>9} {'TFLOP/s':>9} {'% peak':>7}"
+    print(header)
+    print("-" * len(header))
+    rng = np.random.default_rng(0)
+    records = []
+    impls = {"pallas": lambda a, b, gs: pallas_gmm.gmm(a, b, gs),
+             "ragged_dot": lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)}
+    for rows in args.rows:
+        for direction, k, n in DIRECTIONS:
+            m, g = rows * args.experts, args.experts
+            sizes = np.full(g, rows, np.int32)
+            lhs_np = rng.standard_normal((m, k), np.float32)
+            rhs_np = rng.standard_normal((g, k, n), np.float32) / np.sqrt(k)
+            d_out_np = rng.standard_normal((m, n), np.float32)
+            lhs, rhs = jnp.asarray(lhs_np, jnp.bfloat16), jnp.asarray(rhs_np, jnp.bfloat16)
+            d_out, group_sizes = jnp.asarray(d_out_np, jnp.bfloat16), jnp.asarray(sizes)
+            label = f"{direction} m={m} k={k} n={n}"
+            for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n)):
+                cells: list[tuple[str, Callable[[], object], Callable[[object], None]]] = [
+                    (name, jax_cell(fn, mode, lhs, rhs, group_sizes, d_out), jax.block_until_ready)
+                    for name, fn in impls.items()]
+                torch_run = torch_cell(mode, lhs_np, rhs_np, sizes, d_out_np)
+                if torch_run is not None:
+                    import torch
+
+                    cells.append((torch_run[1], torch_run[0], lambda _: torch.cuda.synchronize()))
+                for name, fn, sync in cells:
+                    times = median_ms(fn, args.repeats, sync)
+                    ms = statistics.median(times)
+                    tflops = flops / (ms * 1e-3) / 1e12
+                    print(f"{label:<36} {mode:<8} {name:<18} {ms:>9.3f} {tflops:>9.1f} {100 * tflops / peak:>6.1f}%",
+                          flush=True)
+                    records.append({"direction": direction, "rows_per_expert": rows, "experts": g, "m": m, "k": k,
+                                    "n": n, "mode": mode, "impl": name, "median_ms": ms, "times_ms": times,
+                                    "tflops": tflops, "fraction_of_peak": tflops / peak})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "device": device.device_kind, "peak_bf16_tflops": peak,
+            "machine": platform.machine(), "repeats": args.repeats, "tiling": "pallas_kernels.gmm_gpu.choose_tiling"}
+    args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

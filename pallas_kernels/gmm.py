@@ -1,0 +1,414 @@
+"""Grouped matmul for the MoE experts as Pallas kernels: TPU (Mosaic) here, GPU in gmm_gpu.py.
+
+    gmm(lhs [m, k], rhs [g_local, k, n], group_sizes [G]) -> [m, n]
+
+Rows of lhs are sorted by group (rows [0, gs[0]) are group 0, the next gs[1] rows group 1, ...). With
+group_offset o (default 0) this call owns groups o .. o + g_local - 1 and uses rhs[0 .. g_local): row i of a
+group j it owns gets lhs[i] @ rhs[j - o]; every other row (other groups, rows past sum(group_sizes)) gets
+zeros. An expert-parallel shard passes its first expert as o and its slice of rhs. Differentiable in lhs and
+rhs through a custom VJP: d_lhs is the same kernel against rhs transposed, d_rhs the transposed product
+
+    tgmm(lhs [m, k], d_out [m, n], group_sizes [G]) -> [g_local, k, n],  d_rhs[j] = lhs[rows of j]^T d_out[rows of j]
+
+How the TPU kernels work. Rows are cut into tiles of tm (m is padded to a multiple of tm). The rows are then
+split into "segments": the gap before our first group, each of our groups, the gap after our last group. A
+grid step "visits" one (segment, row tile) pair; visits run in row order, so each output tile is visited in a
+consecutive run (what lets Pallas keep it in VMEM), and a tile that straddles a group boundary is visited
+once per group in it. The visit list (segment and tile of each step) is computed once in plain JAX and
+scalar-prefetched into SMEM, where the BlockSpec index maps read it to choose which lhs, rhs and out blocks
+to DMA. Each visit accumulates [tm, tk] @ [tk, tn] over the k grid axis in an f32 VMEM scratch and, at the
+last k step, stores only the rows of its segment (a masked store). The segments partition all rows, so every
+output row is written by the kernel itself, exactly once, gap rows as zeros (gap visits multiply nothing).
+tgmm visits (group, tile) pairs the same way with the rows as its reduction axis, and visits an empty group
+once so that its d_rhs is written (as zeros).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+__all__ = ["choose_tiling", "gmm", "make_visits", "tgmm", "tgmm_tpu", "gmm_tpu"]
+
+Tiling = tuple[int, int, int]  # (tm, tk, tn): row tile, contraction tile, output-column tile
+
+# ------------------------------------------------------------------------------------------------ tiling
+# Hand-picked for dots1 (hidden 4096, expert width 1408 = 11 x 128, shared width 2 x 1408 = 2816), sized so
+# that the double-buffered blocks plus the f32 accumulator stay near 10 MiB, under the 16 MiB of VMEM Mosaic
+# gives a kernel by default (v4/v5e/v5p). Every tile is a multiple of 128 or the whole dimension, in both the
+# forward shapes and the swapped shapes of the backward pass (the table holds each (k, n) and its (n, k)).
+# 1408 has no multiple-of-128 divisor other than 128 and itself, so n = 1408 is taken whole.
+# "decode": few rows per group, so a small row tile wastes less on padding and the cost is reading rhs:
+# take big k/n tiles. "prefill": enough rows per group that 512-row tiles keep the MXU busy.
+_TILE_TABLE: dict[tuple[int, int], dict[str, Tiling]] = {
+    (4096, 1408): {"prefill": (512, 512, 1408), "decode": (128, 1024, 1408)},   # gate / up projections
+    (1408, 4096): {"prefill": (512, 1408, 512), "decode": (128, 1408, 1024)},   # down projection
+    (4096, 2816): {"prefill": (512, 512, 1408), "decode": (128, 1024, 1408)},   # shared experts, gate / up
+    (2816, 4096): {"prefill": (512, 1408, 512), "decode": (128, 1408, 1024)},   # shared experts, down
+}
+# Decode-sized when groups average fewer rows than this (a 512-row tile would then be mostly padding).
+_DECODE_ROWS_PER_GROUP = 256
+
+
+def _fit_tile(dim: int, preferred: int) -> int:
+    """The largest multiple of 128 <= preferred that divides dim; the whole dim when there is none (a block
+    equal to the full dimension is always legal for Mosaic)."""
+    for tile in range(preferred - preferred % 128, 0, -128):
+        if dim % tile == 0:
+            return tile
+    return dim
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def choose_tiling(m: int, k: int, n: int, num_groups: int = 1) -> Tiling:
+    """(tm, tk, tn) for an [m, k] @ [g, k, n] grouped matmul: the table entry when (k, n) is one of dots1's
+    shapes, else 512-ish k/n tiles that divide the dimension. tm is never larger than m rounded up to 16
+    (16 rows is the smallest bf16 sublane tile), so tiny problems are not padded to 512 rows."""
+    regime = "decode" if m < _DECODE_ROWS_PER_GROUP * max(num_groups, 1) else "prefill"
+    if (k, n) in _TILE_TABLE:
+        tm, tk, tn = _TILE_TABLE[(k, n)][regime]
+    else:
+        tm = 128 if regime == "decode" else 512
+        tk, tn = _fit_tile(k, 512), _fit_tile(n, 512)
+    return min(tm, _round_up(max(m, 1), 16)), tk, tn
+
+
+def _check_tiling(tiling: Tiling, m: int, k: int, n: int) -> None:
+    tm, tk, tn = tiling
+    if tm <= 0 or tm % 8:
+        raise ValueError(f"row tile tm={tm} must be a positive multiple of 8")
+    for name, dim, tile in (("k", k, tk), ("n", n, tn)):
+        if tile <= 0 or dim % tile:
+            raise ValueError(f"tile {tile} must divide {name}={dim} (tiling {tiling} for m={m}, k={k}, n={n})")
+        if tile != dim and tile % 128:
+            raise ValueError(f"tile {tile} for {name}={dim} must be a multiple of 128 or the whole dimension "
+                             "(Mosaic's block-shape rule)")
+
+
+# ------------------------------------------------------------------------------------------------ metadata
+
+
+class Visits(NamedTuple):
+    """Which (segment, row tile) each grid step works on; computed once per call, scalar-prefetched."""
+
+    seg_start: jax.Array  # int32 [S]: first row of each segment
+    seg_end: jax.Array  # int32 [S]: one past its last row
+    seg_id: jax.Array  # int32 [L]: segment of each grid step (L is a static upper bound on the visits)
+    tile_id: jax.Array  # int32 [L]: row tile of each grid step
+    num_visits: jax.Array  # int32 []: how many of the L steps are real (the grid's dynamic extent)
+
+
+def make_visits(group_sizes: jax.Array, group_offset: jax.Array, num_local: int, m_pad: int, tm: int, *,
+                gaps: bool) -> Visits:
+    """The visit list for rows [0, m_pad) cut into tiles of tm.
+
+    gaps=True (gmm): segments are [gap before our groups, our num_local groups, gap after], a partition of
+    all rows, and empty segments are not visited. gaps=False (tgmm): segments are our groups only, and an
+    empty group is visited once (on a clamped tile, with no rows) so that its output gets written.
+    """
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    starts = ends - group_sizes
+    local_starts = jax.lax.dynamic_slice_in_dim(starts, group_offset, num_local)
+    local_ends = jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local)
+    if gaps:
+        zero, end = jnp.zeros((1,), jnp.int32), jnp.full((1,), m_pad, jnp.int32)
+        seg_start = jnp.concatenate([zero, local_starts, local_ends[-1:]])
+        seg_end = jnp.concatenate([local_starts[:1], local_ends, end])
+    else:
+        seg_start, seg_end = local_starts, local_ends
+    num_tiles = m_pad // tm
+    first_tile = seg_start // tm
+    spanned = jnp.where(seg_end > seg_start, (seg_end - 1) // tm - first_tile + 1, 0)
+    tiles_per_seg = spanned if gaps else jnp.maximum(spanned, 1)
+    seg_visit_end = jnp.cumsum(tiles_per_seg)
+    # Upper bound: tiles overlap only at segment boundaries, so the visits are at most one per tile plus one
+    # per segment boundary; tgmm adds at most one visit per (empty) group.
+    max_visits = num_tiles + seg_start.shape[0]
+    steps = jnp.arange(max_visits, dtype=jnp.int32)
+    seg_id = jnp.minimum(jnp.searchsorted(seg_visit_end, steps, side="right"), seg_start.shape[0] - 1)
+    seg_id = seg_id.astype(jnp.int32)
+    within = steps - (seg_visit_end[seg_id] - tiles_per_seg[seg_id])
+    tile_id = jnp.clip(first_tile[seg_id] + within, 0, num_tiles - 1).astype(jnp.int32)
+    return Visits(seg_start, seg_end, seg_id, tile_id, seg_visit_end[-1])
+
+
+# ------------------------------------------------------------------------------------------------ gmm kernel
+
+
+def _gmm_kernel(seg_start, seg_end, seg_id, tile_id, lhs_ref, rhs_ref, out_ref, acc_ref, *, tm: int,
+                num_k_tiles: int, num_segments: int, transpose_rhs: bool) -> None:
+    visit, k_step = pl.program_id(1), pl.program_id(2)
+    seg = seg_id[visit]
+    # Segment 0 and the last one are the gaps outside our groups: nothing to multiply, zeros to store.
+    is_group = (seg > 0) & (seg < num_segments - 1)
+
+    @pl.when(k_step == 0)
+    def _zero_accumulator():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(is_group)
+    def _accumulate():
+        contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
+        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], (contract, ((), ())),
+                                            preferred_element_type=jnp.float32)
+
+    @pl.when(k_step == num_k_tiles - 1)
+    def _store():
+        rows = tile_id[visit] * tm + jax.lax.broadcasted_iota(jnp.int32, out_ref.shape, 0)
+        in_segment = (rows >= seg_start[seg]) & (rows < seg_end[seg])
+        # Masked store: the segments partition the rows, so each row of the tile is written by the visit of
+        # its own segment (gap rows by a gap visit, as zeros) and no other visit may overwrite it.
+        out_ref[...] = jnp.where(in_segment, acc_ref[...].astype(out_ref.dtype), out_ref[...])
+
+
+def gmm_tpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array, *,
+            tiling: Tiling | None, out_dtype: Any, transpose_rhs: bool = False, interpret: Any = False
+            ) -> jax.Array:
+    """The Mosaic gmm. transpose_rhs: rhs is [g_local, n, k] and used as its transpose (d_lhs = d_out rhs^T
+    without materializing rhs^T). lhs and rhs must share a dtype; group_offset is an int32 scalar."""
+    m, k = lhs.shape
+    num_local = rhs.shape[0]
+    n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+    tm, tk, tn = tiling if tiling is not None else choose_tiling(m, k, n, group_sizes.shape[0])
+    _check_tiling((tm, tk, tn), m, k, n)
+    m_pad = _round_up(m, tm)
+    lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0)))  # padding rows are in the "after" gap: never multiplied
+    visits = make_visits(group_sizes, group_offset, num_local, m_pad, tm, gaps=True)
+    num_segments = num_local + 2
+
+    def is_group(seg):
+        return (seg > 0) & (seg < num_segments - 1)
+
+    # Gap visits pin the k block to 0, so their consecutive steps reuse the block already in VMEM instead
+    # of streaming lhs and rhs they never read.
+    def lhs_index(n_i, v, k_i, seg_start, seg_end, seg_id, tile_id):
+        return tile_id[v], jnp.where(is_group(seg_id[v]), k_i, 0)
+
+    def rhs_index(n_i, v, k_i, seg_start, seg_end, seg_id, tile_id):
+        group = jnp.clip(seg_id[v] - 1, 0, num_local - 1)  # gaps borrow a neighbour's block: no extra DMA
+        k_i = jnp.where(is_group(seg_id[v]), k_i, 0)
+        return (group, n_i, k_i) if transpose_rhs else (group, k_i, n_i)
+
+    def out_index(n_i, v, k_i, seg_start, seg_end, seg_id, tile_id):
+        return tile_id[v], n_i
+
+    rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
+    kernel = functools.partial(_gmm_kernel, tm=tm, num_k_tiles=k // tk, transpose_rhs=transpose_rhs,
+                               num_segments=num_segments)
+    itemsize = jnp.dtype(lhs.dtype).itemsize
+    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
+                           bytes_accessed=(m * k * (n // tn) + num_local * k * n) * itemsize
+                           + m * n * jnp.dtype(out_dtype).itemsize)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(n // tn, visits.num_visits, k // tk),
+            in_specs=[pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec(rhs_block, rhs_index)],
+            out_specs=pl.BlockSpec((tm, tn), out_index),
+            scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+        ),
+        # Column tiles are independent (megacore may split them); visits and k steps carry the accumulator
+        # and revisit output tiles, so they run in order.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
+        interpret=interpret,
+        cost_estimate=cost,
+        name="dots_gmm_t" if transpose_rhs else "dots_gmm",
+    )(visits.seg_start, visits.seg_end, visits.seg_id, visits.tile_id, lhs, rhs)
+    return out[:m]
+
+
+# ------------------------------------------------------------------------------------------------ tgmm kernel
+
+
+def _tgmm_kernel(seg_start, seg_end, seg_id, tile_id, lhs_ref, dout_ref, out_ref, acc_ref, *, tm: int) -> None:
+    visit, last_visit = pl.program_id(2), pl.num_programs(2) - 1
+    group = seg_id[visit]
+    start, end = seg_start[group], seg_end[group]
+
+    @pl.when((visit == 0) | (seg_id[jnp.maximum(visit - 1, 0)] != group))
+    def _zero_accumulator():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    @pl.when(end > start)
+    def _accumulate():
+        def rows_of_group(block: jax.Array) -> jax.Array:
+            # A select, not a multiply: rows of other groups (or garbage past the end) must add exactly 0.
+            # Done in f32 because not every TPU generation has bf16 vector units.
+            rows = tile_id[visit] * tm + jax.lax.broadcasted_iota(jnp.int32, block.shape, 0)
+            keep = (rows >= start) & (rows < end)
+            return jnp.where(keep, block.astype(jnp.float32), 0.0).astype(block.dtype)
+
+        x, dy = rows_of_group(lhs_ref[...]), rows_of_group(dout_ref[...])
+        acc_ref[...] += jax.lax.dot_general(x, dy, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+    @pl.when((visit == last_visit) | (seg_id[jnp.minimum(visit + 1, last_visit)] != group))
+    def _store():
+        out_ref[...] = acc_ref[...].astype(out_ref.dtype)
+
+
+def tgmm_tpu(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, group_offset: jax.Array, *,
+             num_local: int, tiling: Tiling | None, out_dtype: Any, interpret: Any = False) -> jax.Array:
+    """The Mosaic tgmm: [g_local, k, n] with out[j] = lhs[rows of group o + j]^T @ dout[same rows]."""
+    m, k = lhs.shape
+    n = dout.shape[1]
+    tm, tk, tn = tiling if tiling is not None else choose_tiling(m, k, n, group_sizes.shape[0])
+    _check_tiling((tm, tk, tn), m, k, n)
+    m_pad = _round_up(m, tm)
+    lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0)))
+    dout = jnp.pad(dout, ((0, m_pad - m), (0, 0)))
+    visits = make_visits(group_sizes, group_offset, num_local, m_pad, tm, gaps=False)
+
+    def lhs_index(k_i, n_i, v, seg_start, seg_end, seg_id, tile_id):
+        return tile_id[v], k_i
+
+    def dout_index(k_i, n_i, v, seg_start, seg_end, seg_id, tile_id):
+        return tile_id[v], n_i
+
+    def out_index(k_i, n_i, v, seg_start, seg_end, seg_id, tile_id):
+        return seg_id[v], k_i, n_i
+
+    itemsize = jnp.dtype(lhs.dtype).itemsize
+    cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
+                           bytes_accessed=(m * k * (n // tn) + m * n * (k // tk)) * itemsize
+                           + num_local * k * n * jnp.dtype(out_dtype).itemsize)
+    return pl.pallas_call(
+        functools.partial(_tgmm_kernel, tm=tm),
+        out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=4,
+            grid=(k // tk, n // tn, visits.num_visits),
+            in_specs=[pl.BlockSpec((tm, tk), lhs_index), pl.BlockSpec((tm, tn), dout_index)],
+            out_specs=pl.BlockSpec((None, tk, tn), out_index),
+            scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        cost_estimate=cost,
+        name="dots_tgmm",
+    )(visits.seg_start, visits.seg_end, visits.seg_id, visits.tile_id, lhs, dout)
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """The non-array arguments, fixed per compiled function (hashable: custom_vjp keys on them)."""
+
+    tiling: Tiling | None
+    out_dtype: np.dtype
+    interpret: Any
+    platform: str  # "tpu" (Mosaic; also what runs on CPU in interpret mode) or "gpu"
+
+
+def _kernels(platform: str):
+    if platform == "gpu":
+        from pallas_kernels import gmm_gpu  # imported lazily: it pulls in the Triton lowering
+
+        return gmm_gpu.gmm_gpu, gmm_gpu.tgmm_gpu
+    return gmm_tpu, tgmm_tpu
+
+
+def _swap(tiling: Tiling | None) -> Tiling | None:
+    """d_lhs = d_out @ rhs^T contracts over n and produces k: the forward's tn becomes its tk and back."""
+    return None if tiling is None else (tiling[0], tiling[2], tiling[1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
+         static: _Static) -> jax.Array:
+    gmm_kernel, _ = _kernels(static.platform)
+    return gmm_kernel(lhs, rhs, group_sizes, group_offset, tiling=static.tiling, out_dtype=static.out_dtype,
+                      interpret=static.interpret)
+
+
+def _gmm_fwd(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset: jax.Array,
+             static: _Static) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    return _gmm(lhs, rhs, group_sizes, group_offset, static), (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(static: _Static, residuals: tuple[jax.Array, ...], d_out: jax.Array
+             ) -> tuple[jax.Array, jax.Array, None, None]:
+    lhs, rhs, group_sizes, group_offset = residuals
+    gmm_kernel, tgmm_kernel = _kernels(static.platform)
+    # The kernels take one input dtype; the cotangent arrives in the output dtype.
+    d_out = d_out.astype(lhs.dtype)
+    # Rows outside our groups did not touch rhs: the gap visits give them a zero d_lhs, as they should.
+    d_lhs = gmm_kernel(d_out, rhs, group_sizes, group_offset, tiling=_swap(static.tiling), out_dtype=lhs.dtype,
+                       transpose_rhs=True, interpret=static.interpret)
+    d_rhs = tgmm_kernel(lhs, d_out, group_sizes, group_offset, num_local=rhs.shape[0], tiling=static.tiling,
+                        out_dtype=rhs.dtype, interpret=static.interpret)
+    return d_lhs, d_rhs, None, None  # integer inputs: no cotangent
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def _platform(interpret: Any, platform: str | None) -> str:
+    """Which kernels: the caller's choice, else the GPU ones on a GPU and the Mosaic ones elsewhere."""
+    if platform is not None:
+        if platform not in ("tpu", "gpu"):
+            raise ValueError(f"platform must be 'tpu', 'gpu' or None, got {platform!r}")
+        return platform
+    backend = jax.default_backend()
+    if backend == "gpu":
+        return "gpu"
+    if backend != "tpu" and not interpret:
+        raise ValueError(f"the Pallas gmm kernels run on TPU or GPU; on {backend!r} pass interpret=True")
+    return "tpu"
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,
+        tiling: Tiling | None = None, preferred_element_type: Any = None, interpret: Any = False,
+        platform: str | None = None) -> jax.Array:
+    """Grouped matmul lhs [m, k] x rhs [g_local, k, n] -> [m, n] (see the module docstring).
+
+    group_sizes: int [G] over all groups (G >= g_local); group_offset: the first group this call owns
+    (default 0). tiling: (tm, tk, tn), default choose_tiling(m, k, n, G). The output dtype is
+    preferred_element_type, else lhs.dtype; products accumulate in f32. interpret: True (or a
+    pltpu.InterpretParams) runs the TPU kernel in the Pallas interpreter, on any platform; on a GPU the
+    Triton-lowered kernel of gmm_gpu.py is used; platform ("tpu" / "gpu") forces one kernel family (tests
+    run the GPU kernels in the interpreter this way). Differentiable in lhs and rhs.
+    """
+    lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes, jnp.int32)
+    if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1 or lhs.shape[1] != rhs.shape[1]:
+        raise ValueError(f"gmm expects lhs [m, k], rhs [g, k, n], group_sizes [G]; got {lhs.shape}, "
+                         f"{rhs.shape}, {group_sizes.shape}")
+    if rhs.shape[0] > group_sizes.shape[0]:
+        raise ValueError(f"rhs holds {rhs.shape[0]} groups but group_sizes only {group_sizes.shape[0]}")
+    out_dtype = np.dtype(preferred_element_type if preferred_element_type is not None else lhs.dtype)
+    if lhs.shape[0] == 0 or rhs.shape[0] == 0:
+        return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
+    dtype = jnp.promote_types(lhs.dtype, rhs.dtype)  # one input dtype for the kernel's dot
+    offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
+    static = _Static(None if tiling is None else tuple(tiling), out_dtype, interpret,
+                     _platform(interpret, platform))
+    return _gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes, offset, static)
+
+
+def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,
+         num_local: int | None = None, tiling: Tiling | None = None, preferred_element_type: Any = None,
+         interpret: Any = False, platform: str | None = None) -> jax.Array:
+    """The weight-gradient product: [num_local, k, n] with out[j] = lhs[rows of group o + j]^T dout[same rows].
+
+    num_local defaults to all G groups. Not differentiable (it is the backward pass of gmm)."""
+    lhs, dout, group_sizes = jnp.asarray(lhs), jnp.asarray(dout), jnp.asarray(group_sizes, jnp.int32)
+    num_local = group_sizes.shape[0] if num_local is None else num_local
+    out_dtype = np.dtype(preferred_element_type if preferred_element_type is not None else lhs.dtype)
+    dtype = jnp.promote_types(lhs.dtype, dout.dtype)
+    offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
+    _, tgmm_kernel = _kernels(_platform(interpret, platform))
+    return tgmm_kernel(lhs.astype(dtype), dout.astype(dtype), group_sizes, offset, num_local=num_local,
+                       tiling=None if tiling is None else tuple(tiling), out_dtype=out_dtype, interpret=interpret)
