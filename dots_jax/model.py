@@ -17,7 +17,7 @@ from flax import nnx
 
 from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
-from dots_jax.moe import EXPERT_AXIS, RouterStats, expert_parallel, moe_experts, route, routing_stats, silu
+from dots_jax.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats, silu
 from dots_jax.sharding import constrain, current_mesh
 
 DType = jnp.dtype | type
@@ -165,7 +165,9 @@ class MoE(nnx.Module):
         args = (x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...], self.up_proj[...],
                 self.down_proj[...])
         mesh = current_mesh()
-        if mesh is not None and mesh.shape[EXPERT_AXIS] > 1:
+        # Under any multi-device mesh, even one without an expert axis: Mosaic (Pallas TPU) kernels cannot be
+        # partitioned by XLA, only run per device inside shard_map.
+        if mesh is not None and mesh.size > 1:
             routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend)
         else:
             routed = moe_experts(*args, backend=self.moe_backend)
