@@ -17,7 +17,8 @@ Backends (all take the same arguments and agree to float rounding):
   "gather"      one weight matrix gathered per row: reads only the chosen groups; best for decode (2m <= g).
   "pallas"      our Pallas kernels (pallas_kernels/gmm.py): Mosaic on TPU, Triton-lowered on GPU; on CPU the
                 TPU kernel runs in the Pallas interpreter (slow: for tests, never picked by "auto" on CPU).
-"auto" picks default_backend(m, g): "pallas" on TPU and GPU; on CPU "gather" when 2m <= g, else "loop".
+"auto" picks default_backend(m, g): "pallas" on TPU, "ragged_dot" on GPU (until the Triton kernel has run on a
+GPU: ask for "pallas" to use it), on CPU "gather" when 2m <= g, else "loop".
 
 register_backend() adds a backend (for example a Pallas kernel) without touching any caller.
 All backends accumulate in f32 and cast once to the output dtype.
@@ -84,12 +85,15 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def default_backend(m: int | None = None, g: int | None = None) -> str:
-    """'pallas' on TPU and GPU. On CPU (where ragged_dot is a g-times-too-much masked product and Pallas only
-    interprets): 'gather' for decode-sized problems (2m <= g rows: it reads only the chosen experts' weights;
-    measured, it loses to 'loop' from about m = g on, see benchmarks/gmm_cpu.py), else 'loop'."""
-    if jax.default_backend() in ("tpu", "gpu"):
+    """'pallas' on TPU, 'ragged_dot' on GPU (until our GPU kernel has run on one). On CPU, where ragged_dot is
+    a g-times-too-much masked product and Pallas only interprets: 'gather' for decode-sized problems (2m <= g
+    rows: it reads only the chosen experts' weights; measured, it loses to 'loop' from about m = g on, see
+    benchmarks/gmm_cpu.py), else 'loop'."""
+    if jax.default_backend() == "tpu":
         return "pallas"
     if jax.default_backend() != "cpu":
+        # GPU: our Triton kernel has only run in the Pallas interpreter so far; XLA's ragged_dot is native there.
+        # Switch once benchmarks/gmm.py has run on a GPU and shown the kernel correct and faster.
         return "ragged_dot"
     return "gather" if m is not None and g is not None and 2 * m <= g else "loop"
 
