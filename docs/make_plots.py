@@ -1,0 +1,91 @@
+"""Regenerate the README's plots under docs/: `python docs/make_plots.py`.
+
+- docs/throughput_cpu.png: dots_jax against transformers, from the benchmark results JSON files
+  (benchmarks/generate_cpu.py and benchmarks/train_cpu.py write them; rerun those to refresh the figures).
+- docs/demo_expert_load.png: the embedded demo model's expert load per MoE layer on its held-out text.
+(docs/demo_loss_curve.png is the training CLI's own loss_curve.png of the demo model's run.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+
+
+def save(fig: plt.Figure, name: str) -> None:
+    tmp = DOCS / (name + ".tmp")
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    os.replace(tmp, DOCS / name)
+    plt.close(fig)
+    print(f"wrote docs/{name}")
+
+
+def throughput_plot() -> None:
+    generate = json.loads((RESULTS / "generate_cpu.json").read_text())
+    train = json.loads((RESULTS / "train_cpu.json").read_text())
+    labels, ratios = [], []
+    for r in generate["results"]:
+        for phase, key in (("prefill", "prefill_tok_s"), ("decode b1", "decode_b1_tok_s"),
+                           ("decode b8", "decode_b8_tok_s")):
+            labels.append(f"{r['config']} {r['params_M']:.0f}M\n{phase}")
+            ratios.append(r[key]["ours"] / r[key]["ref"])
+    for r in train["results"]:
+        labels.append(f"{r['config']} {r['params_M']:.1f}M\ntrain step")
+        ratios.append(r["ratio"])
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
+    ax.bar(range(len(ratios)), ratios, color=colors)
+    ax.axhline(1.0, color="black", linewidth=1)
+    ax.set_xticks(range(len(ratios)), labels, fontsize=8)
+    ax.set_ylabel("dots_jax tok/s / transformers tok/s")
+    cpus = generate["machine"]["cpus"]
+    ax.set_title(f"CPU throughput against the reference, f32 ({cpus}-core {generate['machine']['processor']}; "
+                 "benchmarks/generate_cpu.py, train_cpu.py)", fontsize=9)
+    for i, x in enumerate(ratios):
+        ax.text(i, x, f"{x:.2f}x", ha="center", va="bottom", fontsize=8)
+    save(fig, "throughput_cpu.png")
+
+
+def expert_load_plot() -> None:
+    import jax.numpy as jnp
+
+    from dots_jax.data import load_tokens, split_eval
+    from dots_jax.demo import DEMO_MODEL_DIR, EVAL_FRACTION, SEQ_LEN, stdlib_glob
+    from dots_jax.hf_weights import from_pretrained
+    from dots_jax.tokenizer import Tokenizer
+
+    tokens = load_tokens(stdlib_glob(), Tokenizer.from_dir(DEMO_MODEL_DIR))
+    _, held = split_eval(tokens, EVAL_FRACTION, SEQ_LEN)
+    windows = held[: (held.size // SEQ_LEN) * SEQ_LEN].reshape(-1, SEQ_LEN)[:32]
+    model = from_pretrained(DEMO_MODEL_DIR, dtype=jnp.float32, progress=False)
+    _, _, stats = model.forward(jnp.asarray(windows))
+    load = np.asarray(stats.expert_load)  # [MoE layers, experts]
+    share = load / load.sum(axis=1, keepdims=True)
+    fig, ax = plt.subplots(figsize=(8, 2.6))
+    image = ax.imshow(share * share.shape[1], cmap="viridis", aspect="auto")
+    first = model.cfg.first_k_dense_replace
+    ax.set_yticks(range(share.shape[0]), [f"layer {first + i}" for i in range(share.shape[0])])
+    ax.set_xlabel("routed expert")
+    ax.set_title(f"Demo model: expert load on {windows.size} held-out tokens (1.0 = perfectly even; "
+                 f"{platform.machine()} CPU)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="load / mean load")
+    save(fig, "demo_expert_load.png")
+
+
+if __name__ == "__main__":
+    throughput_plot()
+    expert_load_plot()
