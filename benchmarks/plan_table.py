@@ -1,0 +1,65 @@
+"""The README's planner table: `python -m dots_jax.plan` for the released 142B model on several TPU slices.
+
+    python benchmarks/plan_table.py            # prints a markdown table, writes benchmarks/results/plan_table.json
+    python benchmarks/plan_table.py --resume   # keeps the rows already in the JSON, compiles the others
+
+Each row is one ahead-of-time TPU compile on this (CPU) machine: 30 s to a few minutes each on a small one.
+The JSON is rewritten after every row.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dots_jax.plan import TABLE_HEADER, plan, table_row  # noqa: E402
+
+# (topology, mesh, mode, batch, seq)
+ROWS = [
+    ("v5p:4x4x4", "expert=16,fsdp=4", "decode", 64, 4096),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 8, 4096),
+    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 4096),
+    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 1024),
+    ("v5e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096),
+    ("v5e:16x16", "expert=64,fsdp=4", "decode", 256, 4096),
+    ("v5e:16x16", "expert=64,fsdp=4", "prefill", 16, 4096),
+    ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096),
+    ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096),
+    ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128),
+]
+OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
+
+
+def _key(r: dict) -> tuple:
+    return r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"]
+
+
+def main() -> int:
+    done = {}
+    if "--resume" in sys.argv[1:] and OUT.is_file():
+        done = {_key(r): r for r in json.loads(OUT.read_text())["rows"]}
+    reports = []
+    for row in ROWS:
+        if row in done:
+            reports.append(done[row])
+            continue
+        topology, mesh, mode, batch, seq = row
+        t0 = time.perf_counter()
+        r = plan(topology, mesh, batch, seq, mode)
+        print(f"{topology} {mesh} {mode} {batch}x{seq}: {'fits' if r['fits'] else 'does not fit'} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        reports.append(r)
+        OUT.parent.mkdir(parents=True, exist_ok=True)
+        OUT.write_text(json.dumps({"model": "dots.llm1.inst (142B)", "rows": reports}, indent=2) + "\n")
+    print(TABLE_HEADER)
+    for r in reports:
+        print(table_row(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

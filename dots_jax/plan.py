@@ -1,0 +1,452 @@
+"""Capacity planner: compile the model ahead of time for a TPU slice and report what one step needs.
+
+    python -m dots_jax.plan --topology v5p:4x4x4 --mesh expert=16,fsdp=4 --batch 64 --seq 4096 --mode decode
+
+Runs on a CPU machine with libtpu installed (the [tpu] or [test] extra): the TPU topology is described by
+jax.experimental.topologies, every array is a ShapeDtypeStruct carrying the sharding the real run would use
+(dots_jax.sharding's table), and `.compile()` runs the real TPU compiler, Pallas/Mosaic MoE kernels included.
+Nothing is allocated and nothing runs on a TPU.
+
+Reported per chip: memory from the compiler (`memory_analysis`: arguments, outputs, temporaries; weights and
+KV cache split out by their shard sizes, computed here from the shardings) against the chip's HBM; flops and
+bytes per step computed by hand from the config (the compiler's `cost_analysis` counts a scanned layer body
+once and counts padded rows: its numbers are printed for reference only); and the roofline tokens/s they imply:
+a step takes at least max(flops / peak FLOP/s, bytes / HBM bandwidth) on every chip.
+
+A program that does not fit makes the compiler raise RESOURCE_EXHAUSTED: the planner prints
+"does not fit: needs X GiB per chip (HBM Y GiB)" and exits with status 1.
+
+Modes: "decode" one decode step for --batch rows against a KV cache of --seq slots (cache donated; its layout
+left to the compiler, which otherwise copies it); "prefill" --batch x --seq prompt tokens written into a cache of
+--seq slots; "train" one training step (f32 master weights, bf16 compute, AdamW) on --batch x --seq tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+GiB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    name: str
+    hbm_gib: float  # HBM per chip
+    peak_flops: float  # dense bf16 FLOP/s per chip
+    hbm_bw: float  # HBM bytes/s per chip
+    cores_per_chip: int  # TensorCores per chip: Google's accelerator names (v5p-128) count cores
+
+
+# Public Cloud TPU figures per chip.
+CHIPS: dict[str, Chip] = {
+    "v4": Chip("v4", 32, 275e12, 1228e9, 2),
+    "v5p": Chip("v5p", 95, 459e12, 2765e9, 2),
+    "v5e": Chip("v5e", 16, 197e12, 819e9, 1),
+    "v6e": Chip("v6e", 32, 918e12, 1640e9, 1),
+}
+MODES = ("decode", "prefill", "train")
+
+
+class PlanError(Exception):
+    """A bad argument: the message says what to change."""
+
+
+def chip_for(topology: str) -> Chip:
+    generation = topology.split(":", 1)[0]
+    if generation not in CHIPS:
+        raise PlanError(f"--topology {topology!r}: unknown TPU generation {generation!r}; "
+                        f"known: {', '.join(CHIPS)} (e.g. v5p:4x4x4, v5e:8x8, v6e:8x8)")
+    return CHIPS[generation]
+
+
+def topology_chips(topology: str) -> int:
+    dims = topology.split(":", 1)[-1]
+    if not re.fullmatch(r"\d+(x\d+)*", dims):
+        raise PlanError(f"--topology {topology!r}: expected GENERATION:AxB[xC], e.g. v5p:4x4x4 or v5e:8x8")
+    return math.prod(int(d) for d in dims.split("x"))
+
+
+def slice_name(topology: str) -> str:
+    """Google's name for the slice, counted in chips (v5p:4x4x4 -> v5p-64)."""
+    return f"{topology.split(':')[0]}-{topology_chips(topology)}"
+
+
+def _quiet_libtpu(topology: str) -> None:
+    """libtpu probes for a local TPU when it loads; telling it which accelerator to expect quiets that."""
+    chip = chip_for(topology)
+    prefix = "v5litepod" if chip.name == "v5e" else chip.name
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{prefix}-{topology_chips(topology) * chip.cores_per_chip}")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to guard with the lockfile
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host; the TPU devices come from the topology
+
+
+# ------------------------------------------------------------------------------------------- arithmetic
+def param_counts(cfg) -> dict[str, int]:
+    """Parameter counts by kind (norms included where they live)."""
+    h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    attn = h * n * d * 2 + h * kv * d * 2 + 2 * d + (n * d + 2 * kv * d + h if cfg.attention_bias else 0)
+    norms = 2 * h
+    lm_head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
+    return {
+        "embed": cfg.vocab_size * h,
+        "lm_head": lm_head,
+        "attention": cfg.num_hidden_layers * (attn + norms) + h,
+        "dense_mlp": cfg.num_dense_layers * 3 * h * cfg.intermediate_size,
+        "router": cfg.num_moe_layers * h * cfg.n_routed_experts,
+        "shared_experts": cfg.num_moe_layers * 3 * h * cfg.shared_intermediate_size,
+        "routed_experts": cfg.num_moe_layers * cfg.n_routed_experts * 3 * h * cfg.moe_intermediate_size,
+    }
+
+
+def active_params_per_token(cfg) -> tuple[int, int]:
+    """(LM head, decoder layers): the weights one token multiplies through (the embedding is a lookup)."""
+    c = param_counts(cfg)
+    routed_active = c["routed_experts"] * cfg.num_experts_per_tok // cfg.n_routed_experts
+    layers = c["attention"] + c["dense_mlp"] + c["router"] + c["shared_experts"] + routed_active
+    return c["lm_head"] or c["embed"], layers
+
+
+def experts_hit_fraction(cfg, tokens: int) -> float:
+    """Expected share of routed experts that at least one of `tokens` tokens chooses (uniform routing)."""
+    return 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** tokens
+
+
+def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int]) -> dict[str, float]:
+    """Hand-computed flops and HBM bytes per step, total and on the busiest chip.
+
+    flops: 2 x active weights per token for the matmuls, plus attention's QK^T and PV (4 x heads x head_dim per
+    attended key: the implementation scores every cache slot, masked, so a token attends to all `seq` slots);
+    training is 3x the forward (backward = 2x). bytes per chip: the weights each chip reads (attention, dense
+    and shared weights whole per chip, split only by the tensor axis; routed experts: the share that the step's
+    tokens hit, split over the expert axis), the KV cache split over the batch axes, and in training the f32
+    master weights, gradients and AdamW moments (read + written) of the chip's own shard.
+    """
+    chips = math.prod(mesh_shape.values())
+    tensor, expert = mesh_shape["tensor"], mesh_shape["expert"]
+    c = param_counts(cfg)
+    head, active = active_params_per_token(cfg)
+    tokens = batch * (1 if mode == "decode" else seq)
+    attn_flops_per_token = 4 * cfg.num_attention_heads * cfg.head_dim * seq * cfg.num_hidden_layers
+    forward = tokens * (2 * (active + head) + attn_flops_per_token)
+    flops = forward * (3 if mode == "train" else 1)
+
+    w_bytes = 4 if mode == "train" else 2  # f32 master weights in training (cast to bf16 per use), else bf16
+    non_routed = sum(v for k, v in c.items() if k not in ("routed_experts", "embed"))
+    hit = experts_hit_fraction(cfg, tokens)
+    weights_read = w_bytes * (non_routed / tensor + c["routed_experts"] * hit / expert)
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
+    kv_bytes = batch * seq * kv_per_token / chips  # read (decode) or written (prefill) once per step
+    optimizer = 0.0
+    if mode == "train":
+        kv_bytes = 0.0
+        total = sum(c.values())
+        optimizer = total / chips * 4 * 2 * 4  # params, grads, m, v: f32, each read and written once
+        weights_read *= 3  # forward, and the backward reads them again for both gradients
+    per_chip_bytes = weights_read + kv_bytes + optimizer
+    return {"tokens_per_step": tokens, "flops_per_step": float(flops), "flops_per_chip": flops / chips,
+            "bytes_per_chip": per_chip_bytes, "weights_read_per_chip": weights_read,
+            "kv_bytes_per_chip": kv_bytes, "experts_hit_fraction": hit,
+            "active_params_per_token": active + head, "total_params": sum(c.values())}
+
+
+def roofline(arith: dict[str, float], chip: Chip) -> dict[str, float]:
+    t_compute = arith["flops_per_chip"] / chip.peak_flops
+    t_memory = arith["bytes_per_chip"] / chip.hbm_bw
+    t = max(t_compute, t_memory)
+    return {"step_time_s": t, "compute_time_s": t_compute, "memory_time_s": t_memory,
+            "bound": "compute" if t_compute >= t_memory else "memory",
+            "tokens_per_s": arith["tokens_per_step"] / t}
+
+
+# --------------------------------------------------------------------------------------------- compiling
+def _shard_bytes(sds) -> int:
+    sharding = sds.sharding
+    sharding = getattr(sharding, "sharding", sharding)  # a Format carries its sharding
+    shape = sharding.shard_shape(sds.shape)
+    return math.prod(shape) * sds.dtype.itemsize
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a tree with one sharding per leaf)."""
+    import jax
+
+    leaves, treedef = jax.tree.flatten(tree)
+    shard_leaves = jax.tree.leaves(shardings)  # NamedSharding and Format are leaves
+    if len(leaves) != len(shard_leaves):
+        raise AssertionError(f"{len(leaves)} leaves but {len(shard_leaves)} shardings")
+    out = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shard_leaves, strict=True)]
+    return jax.tree.unflatten(treedef, out)
+
+
+def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
+    """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.experimental.layout import Format, Layout
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dots_jax.cache import KVCache
+    from dots_jax.model import Dots1ForCausalLM
+    from dots_jax.sharding import batch_axes, cache_shardings, param_shardings
+
+    rows = NamedSharding(mesh, P(batch_axes(batch, mesh), None))
+
+    def tokens_sds(shape, dtype=jnp.int32, sharding=rows):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    if mode == "train":
+        from dots_jax.checkpoint import abstract_train_state
+        from dots_jax.train import Batch, TrainConfig, train_step
+
+        tc = TrainConfig()
+        graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas")
+        state = _abstract(state, param_shardings(state, mesh))
+        weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+        data = Batch(tokens_sds((batch, seq)), tokens_sds((batch, seq)), tokens_sds((batch, seq), jnp.float32))
+        step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
+        with jax.set_mesh(mesh):
+            return step.lower(graphdef, tc, state, data), weights, 0
+
+    model = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                    moe_backend="pallas", rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    state = _abstract(state, param_shardings(state, mesh))
+    weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, jnp.bfloat16))
+    cache_sh = cache_shardings(cache, mesh)
+    cache = _abstract(cache, cache_sh)
+    kv_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+    if auto_layout:  # the compiler picks the cache's layout (else it copies the cache to its preferred one)
+        cache_sh = jax.tree.map(lambda s: Format(Layout.AUTO, s), cache_sh)
+
+    if mode == "decode":
+        def fn(state, tokens, positions, cache):
+            logits, cache = nnx.merge(graphdef, state)(tokens[:, None], positions=positions[:, None], cache=cache)
+            return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+
+        vec = NamedSharding(mesh, P(batch_axes(batch, mesh)))
+        args = (state, tokens_sds((batch,), sharding=vec), tokens_sds((batch,), sharding=vec), cache)
+        out_shardings = (vec, cache_sh)
+    else:
+        def fn(state, ids, cache):
+            logits, cache = nnx.merge(graphdef, state)(ids, cache=cache)
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+        vec = NamedSharding(mesh, P(batch_axes(batch, mesh)))
+        args = (state, tokens_sds((batch, seq)), cache)
+        out_shardings = (vec, cache_sh)
+    in_shardings = (*(jax.tree.map(lambda x: x.sharding, a) for a in args[:-1]), cache_sh)
+    step = jax.jit(fn, donate_argnums=len(args) - 1, in_shardings=in_shardings, out_shardings=out_shardings)
+    with jax.set_mesh(mesh):
+        return step.lower(*args), weights, kv_bytes
+
+
+# XLA:TPU's words: "the total memory required for HLO temporaries (266.52G) exceeds available HBM (95.74G)",
+# or (other versions) "Used 123.45G of 95.74G hbm".
+_NEEDS = (re.compile(r"\(([0-9.]+)\s*([KMGT]?)i?B?\)\s+exceeds available HBM", re.I),
+          re.compile(r"Used\s+([0-9.]+)\s*([KMGT]?)i?B?\s+of\s+[0-9.]+\s*[KMGT]?i?B?\s+hbm", re.I))
+_UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def needed_from_message(message: str) -> float | None:
+    """GiB per chip that XLA's RESOURCE_EXHAUSTED message says the program needs, if it says."""
+    for pattern in _NEEDS:
+        m = pattern.search(message)
+        if m:
+            return float(m.group(1)) * _UNIT[m.group(2).upper()] / GiB
+    return None
+
+
+def _split_physical_mesh(mesh_spec: str, devices):
+    """A mesh whose axes may split physical torus axes (8 x 8 on a 4x4x4 v5p, 16 x 4 on a 16x16 v5e): jax.make_mesh
+    refuses those; mesh_utils builds them (an axis then spans a part of a ring: its collectives are slower)."""
+    from jax.experimental import mesh_utils
+    from jax.sharding import AxisType, Mesh
+
+    from dots_jax.sharding import MESH_AXES, parse_mesh_spec
+
+    sizes = parse_mesh_spec(mesh_spec)
+    grid = mesh_utils.create_device_mesh(tuple(sizes[a] for a in MESH_AXES), devices,
+                                         allow_split_physical_axes=True)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
+         auto_layout: bool = True) -> dict[str, Any]:
+    """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
+    `config`: a preset name, a config.json path or a Dots1Config."""
+    if mode not in MODES:
+        raise PlanError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+    if batch < 1 or seq < 1:
+        raise PlanError(f"--batch and --seq must be positive, got {batch} and {seq}")
+    chip = chip_for(topology)
+    topology_chips(topology)
+    _quiet_libtpu(topology)
+
+    from jax.experimental import topologies
+
+    from dots_jax.config import Dots1Config, preset
+    from dots_jax.sharding import check_shardable, make_mesh, parse_mesh_spec
+
+    if isinstance(config, Dots1Config):
+        cfg, config = config, "custom config"
+    else:
+        cfg = Dots1Config.from_hf(config) if config.endswith(".json") else preset(config)
+    if seq > cfg.max_position_embeddings:
+        raise PlanError(f"--seq {seq} exceeds the model's context of {cfg.max_position_embeddings}")
+    try:
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    except Exception as e:  # noqa: BLE001 - libtpu's message is the useful part
+        raise PlanError(f"--topology {topology!r}: {e}") from None
+    try:
+        mesh = make_mesh(mesh_spec, devices=devices)
+        check_shardable(cfg, mesh)
+    except ValueError as e:
+        raise PlanError(f"--mesh {mesh_spec!r}: {e}") from None
+    except NotImplementedError:  # jax.make_mesh maps each mesh axis onto whole physical torus axes
+        mesh = _split_physical_mesh(mesh_spec, devices)
+        check_shardable(cfg, mesh)
+    shape = parse_mesh_spec(mesh_spec)
+    arith = step_arithmetic(cfg, mode, batch, seq, shape)
+    report: dict[str, Any] = {
+        "topology": topology, "slice": slice_name(topology), "chips": len(devices), "mesh": mesh_spec,
+        "mode": mode, "batch": batch, "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
+        "arithmetic": arith, "roofline": roofline(arith, chip),
+    }
+    t0 = time.perf_counter()
+    try:
+        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout)
+        report["weights_gib"], report["kv_cache_gib"] = weights / GiB, kv / GiB
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001 - XlaRuntimeError / JaxRuntimeError, depending on the version
+        message = str(e)
+        if "RESOURCE_EXHAUSTED" not in message and "exceeds" not in message.lower():
+            raise
+        report["compile_s"] = time.perf_counter() - t0
+        # The message's figure where it gives one, else what the arguments alone take (a lower bound).
+        needs = needed_from_message(message) or (report.get("weights_gib", 0) + report.get("kv_cache_gib", 0))
+        report.update(fits=False, needs_gib=needs, compiler_message=message.splitlines()[0][:500])
+        return report
+    report["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    code = getattr(mem, "generated_code_size_in_bytes", 0)
+    total = args + out - alias + temp + code
+    other_args = max(args - weights - kv, 0)
+    report.update(
+        memory_gib={"weights": weights / GiB, "kv_cache": kv / GiB, "other_arguments": other_args / GiB,
+                    "outputs_not_aliased": (out - alias) / GiB, "temporaries": temp / GiB,
+                    "code": code / GiB, "total": total / GiB},
+        fits=total <= chip.hbm_gib * GiB,
+        needs_gib=total / GiB,
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    if cost:
+        report["compiler_cost_analysis"] = {"flops": float(cost.get("flops", 0.0)),
+                                            "bytes_accessed": float(cost.get("bytes accessed", 0.0))}
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _si(x: float, unit: str) -> str:
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {prefix}{unit}"
+    return f"{x:.2f} {unit}"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    a, roof = r["arithmetic"], r["roofline"]
+    lines = [f"dots.llm1 ({r['config']}, {a['total_params'] / 1e9:.1f}B params) {r['mode']}: batch {r['batch']}, "
+             f"seq {r['seq']} on {r['slice']} ({r['topology']}, {r['chips']} chips), mesh {r['mesh']}"]
+    if not r["fits"]:
+        needs = r.get("needs_gib")
+        lines.append(f"does not fit: needs {needs:.1f} GiB per chip (HBM {r['hbm_gib']:g} GiB)" if needs
+                     else f"does not fit: needs more than the HBM per chip (HBM {r['hbm_gib']:g} GiB)")
+        if "memory_gib" in r:
+            m = r["memory_gib"]
+            lines.append(f"  weights {m['weights']:.2f} GiB | KV cache {m['kv_cache']:.2f} GiB | "
+                         f"activations/temporaries {m['temporaries']:.2f} GiB")
+        elif "weights_gib" in r:
+            lines.append(f"  weights {r['weights_gib']:.2f} GiB + KV cache {r['kv_cache_gib']:.2f} GiB per chip "
+                         "before activations")
+        if "compiler_message" in r:
+            lines.append(f"  compiler: {r['compiler_message']}")
+        return "\n".join(lines)
+    m = r["memory_gib"]
+    lines += [
+        f"memory per chip (compiler): {m['total']:.2f} GiB of {r['hbm_gib']:g} GiB HBM "
+        f"({100 * m['total'] / r['hbm_gib']:.0f}%), compiled in {r['compile_s']:.1f} s",
+        f"  weights {m['weights']:.2f} GiB | KV cache {m['kv_cache']:.2f} GiB | other arguments "
+        f"{m['other_arguments']:.2f} GiB | activations/temporaries {m['temporaries']:.2f} GiB | "
+        f"outputs not aliased {m['outputs_not_aliased']:.2f} GiB",
+        f"per step (by hand): {a['tokens_per_step']} tokens, {_si(a['flops_per_step'], 'FLOP')} "
+        f"({_si(a['flops_per_chip'], 'FLOP')} per chip), {_si(a['bytes_per_chip'], 'B')} HBM traffic per chip "
+        f"(experts hit {100 * a['experts_hit_fraction']:.0f}%)",
+        f"roofline: {roof['tokens_per_s']:,.0f} tokens/s ({roof['bound']}-bound, step >= "
+        f"{1e3 * roof['step_time_s']:.2f} ms: compute {1e3 * roof['compute_time_s']:.2f} ms, memory "
+        f"{1e3 * roof['memory_time_s']:.2f} ms)",
+    ]
+    if "compiler_cost_analysis" in r:
+        c = r["compiler_cost_analysis"]
+        lines.append(f"compiler cost_analysis (reference only: counts a scanned layer once, padded rows too): "
+                     f"{_si(c['flops'], 'FLOP')}, {_si(c['bytes_accessed'], 'B')} per chip")
+    return "\n".join(lines)
+
+
+def table_row(r: dict[str, Any]) -> str:
+    mem = f"{r['memory_gib']['total']:.1f}" if r["fits"] else f"**does not fit** ({r['needs_gib']:.0f} needed)" \
+        if r.get("needs_gib") else "**does not fit**"
+    tps = f"{r['roofline']['tokens_per_s']:,.0f} ({r['roofline']['bound']})" if r["fits"] else "-"
+    weights = f"{r['weights_gib']:.1f}" if "weights_gib" in r else "-"
+    kv = f"{r['kv_cache_gib']:.1f}" if "kv_cache_gib" in r else "-"
+    return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {r['mode']} | {r['batch']} x {r['seq']} | "
+            f"{weights} | {kv} | {mem} / {r['hbm_gib']:g} | {tps} |")
+
+
+TABLE_HEADER = ("| slice | mesh | mode | batch x seq | weights GiB/chip | KV cache GiB/chip "
+                "| total GiB/chip (compiler) / HBM | roofline tokens/s |\n|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dots_jax.plan", description=__doc__.split("\n\n")[0])
+    p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:8x8, v6e:8x8")
+    p.add_argument("--mesh", required=True, help="mesh axes, e.g. expert=16,fsdp=4 (data, fsdp, expert, tensor)")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=4096, help="KV cache slots (decode) or tokens per row")
+    p.add_argument("--mode", choices=MODES, default="decode")
+    p.add_argument("--config", default="dots.llm1.inst", help="a preset in configs/ or a config.json path")
+    p.add_argument("--no-auto-layout", action="store_true", help="keep the KV cache's default layout")
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    try:
+        report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
+                      auto_layout=not args.no_auto_layout)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
