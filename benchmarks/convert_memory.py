@@ -33,6 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
+
 from dots_jax.config import Dots1Config  # noqa: E402
 from dots_jax.safetensors_io import save_file  # noqa: E402
 
@@ -161,8 +163,7 @@ def main() -> None:
                     "within_bound": conv_rss <= bound, "convert_s": conv_wall, "cp_s": cp_wall,
                     "convert_over_cp": conv_wall / cp_wall, "convert_gb_per_s": total / GB / conv_wall},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.out, result)
     r = result["results"]
     print("\n| checkpoint | peak RSS | bound (largest shard + 1 GB) | convert | cp -r | ratio |")
     print("|---|---|---|---|---|---|")

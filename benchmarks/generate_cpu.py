@@ -11,7 +11,6 @@ copy bandwidth, and our fraction of it. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from conftest import hf_config, hf_model, save  # noqa: E402
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
 from dots_jax.generate import generate  # noqa: E402
@@ -145,12 +145,7 @@ def main() -> int:
                   f"{r['ours']:>11.1f} {r['ref']:>10.1f} {r['ours'] / r['ref']:>6.2f}")
         print(f"{'':8} batch-1 bandwidth floor {row['decode_b1_floor_tok_s']:.1f} tok/s; "
               f"ours = {100 * row['decode_b1_fraction_of_floor']:.0f}% of it")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out, {'machine': machine, 'results': rows})}")
     return 0
 
 

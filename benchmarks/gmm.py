@@ -17,7 +17,6 @@ says nothing about speed; see benchmarks/gmm_cpu.py for the CPU backends).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 from pallas_kernels import gmm as pallas_gmm  # noqa: E402
 
@@ -145,10 +146,9 @@ def main() -> None:
                     records.append({"direction": direction, "rows_per_expert": rows, "experts": g, "m": m, "k": k,
                                     "n": n, "mode": mode, "impl": name, "median_ms": ms, "times_ms": times,
                                     "tflops": tflops, "fraction_of_peak": tflops / peak})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"jax": jax.__version__, "device": device.device_kind, "peak_bf16_tflops": peak,
             "machine": platform.machine(), "repeats": args.repeats, "tiling": "pallas_kernels.gmm_gpu.choose_tiling"}
-    args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
+    write_results(args.out, {"meta": meta, "results": records}, indent=1)
     print(f"\nwrote {args.out}")
 
 

@@ -12,7 +12,6 @@ budget reports that run (already compiled, so it is a fair single sample).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 from dots_jax.grouped_matmul import gmm, gmm_loop, loop_row_tile  # noqa: E402
 
@@ -138,10 +139,9 @@ def main() -> None:
                                 "mode": mode, "backend": variant, "median_ms": median, "times_ms": times,
                                 "ratio_vs_ragged_dot": median / baseline if baseline else None})
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"jax": jax.__version__, "platform": jax.devices()[0].platform, "cpus": os.cpu_count(),
             "machine": platform.machine(), "repeats": args.repeats, "budget_s": args.budget_s}
-    args.out.write_text(json.dumps({"meta": meta, "results": records}, indent=1) + "\n")
+    write_results(args.out, {"meta": meta, "results": records}, indent=1)
     print(f"\nwrote {args.out}")
 
 

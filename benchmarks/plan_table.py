@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
+
 from dots_jax.plan import TABLE_HEADER, plan, table_row  # noqa: E402
 
 # (topology, mesh, mode, batch, seq)
@@ -53,8 +55,7 @@ def main() -> int:
         print(f"{topology} {mesh} {mode} {batch}x{seq}: {'fits' if r['fits'] else 'does not fit'} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         reports.append(r)
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        OUT.write_text(json.dumps({"model": "dots.llm1.inst (142B)", "rows": reports}, indent=2) + "\n")
+        write_results(OUT, {"model": "dots.llm1.inst (142B)", "rows": reports})
     print(TABLE_HEADER)
     for r in reports:
         print(table_row(r))

@@ -27,7 +27,6 @@ torch.set_num_threads(os.cpu_count()), stated in the output. Prints a table and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -46,6 +45,7 @@ import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
+from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
 from dots_jax import train  # noqa: E402
@@ -400,12 +400,7 @@ def main() -> int:
     machine["load_end"] = round(os.getloadavg()[0], 2)
     print_table(rows, machine)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    print(f"wrote {write_results(args.out, {'machine': machine, 'results': rows})}")
     return 0
 
 
