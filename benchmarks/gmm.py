@@ -102,6 +102,8 @@ def main() -> None:
                         help="rows per expert")
     parser.add_argument("--experts", type=int, default=16, help="experts in one call (128 / expert shards)")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--tiling", action="append", default=[], metavar="TM,TK,TN",
+                        help="also time the Pallas kernel with this tiling (repeatable; default: choose_tiling's)")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit(f"benchmarks/gmm.py needs a GPU; JAX sees {jax.default_backend()!r}. "
@@ -118,6 +120,10 @@ def main() -> None:
     records = []
     impls = {"pallas": lambda a, b, gs: pallas_gmm.gmm(a, b, gs),
              "ragged_dot": lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)}
+    for spec in args.tiling:
+        tiling = tuple(int(t) for t in spec.split(","))
+        impls[f"pallas {'x'.join(map(str, tiling))}"] = \
+            lambda a, b, gs, tiling=tiling: pallas_gmm.gmm(a, b, gs, tiling=tiling)
     for rows in args.rows:
         for direction, k, n in DIRECTIONS:
             m, g = rows * args.experts, args.experts

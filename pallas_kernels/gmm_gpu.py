@@ -67,6 +67,11 @@ def _local_bounds(group_sizes: jax.Array, group_offset: jax.Array, num_local: in
             jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local))
 
 
+def _precision(x: jax.Array) -> jax.lax.Precision | None:
+    """f32 operands in full f32 (Triton's default for them is TF32, a 1e-3 relative error); bf16 as is."""
+    return jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+
+
 def _whole(shape: tuple[int, ...]) -> pl.BlockSpec:
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
@@ -84,8 +89,8 @@ def _gmm_kernel(starts_ref, ends_ref, first_ref, last_ref, lhs_ref, rhs_ref, out
             x = lhs_ref[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)]
             if transpose_rhs:
                 w = rhs_ref[group, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)]
-                return acc + plt.dot(x, w, trans_b=True)
-            return acc + plt.dot(x, rhs_ref[group, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)])
+                return acc + plt.dot(x, w, trans_b=True, precision=_precision(x))
+            return acc + plt.dot(x, rhs_ref[group, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], precision=_precision(x))
 
         return jax.lax.fori_loop(0, num_k_tiles, k_step, jnp.zeros((tm, tn), jnp.float32))
 
@@ -144,7 +149,7 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm: int, t
     def row_tile(t: jax.Array, acc: jax.Array) -> jax.Array:
         x = rows_of_group(lhs_ref[pl.ds(t * tm, tm), pl.ds(i * tk, tk)], t * tm)
         dy = rows_of_group(dout_ref[pl.ds(t * tm, tm), pl.ds(j * tn, tn)], t * tm)
-        return acc + plt.dot(x, dy, trans_a=True)
+        return acc + plt.dot(x, dy, trans_a=True, precision=_precision(x))
 
     first_tile = start // tm
     end_tile = jnp.where(end > start, (end + tm - 1) // tm, first_tile)  # empty group: no iterations

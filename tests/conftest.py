@@ -20,8 +20,11 @@ import transformers  # noqa: E402
 
 # Parity means the same thing tomorrow only against the same oracle.
 ORACLE_VERSION = "5.23.0"
-assert transformers.__version__ == ORACLE_VERSION, (
-    f"tests expect transformers=={ORACLE_VERSION} (the pinned oracle), found {transformers.__version__}")
+# DOTS_JAX_ANY_ORACLE=1 lets the suite run against another transformers, e.g. tests/test_gpu.py on a GPU machine
+# whose image has its own (those tests use transformers only to write tiny checkpoints).
+assert transformers.__version__ == ORACLE_VERSION or os.environ.get("DOTS_JAX_ANY_ORACLE") == "1", (
+    f"tests expect transformers=={ORACLE_VERSION} (the pinned oracle), found {transformers.__version__}; "
+    "set DOTS_JAX_ANY_ORACLE=1 to run anyway")
 
 TINY = dict(
     vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,

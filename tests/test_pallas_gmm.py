@@ -234,10 +234,9 @@ def test_pallas_backend_registered(monkeypatch) -> None:
     got = run(grouped_matmul.gmm, lhs, rhs, gs, d_out, backend="pallas")
     for name, g, o in zip(("out", "d_lhs", "d_rhs"), got, oracle(lhs, rhs, gs, d_out, 0), strict=True):
         assert_close(g, o, F32_RTOL, f"backend pallas {name}")
-    # "auto" picks pallas on TPU only; CPU keeps its fast backends, and GPU XLA's native ragged_dot until our
-    # Triton kernel has run on a GPU.
+    # "auto" picks pallas on TPU and GPU; CPU keeps its fast backends (Pallas only interprets there).
     assert grouped_matmul.default_backend(600, 128) in ("loop", "gather")
-    for platform, want in (("tpu", "pallas"), ("gpu", "ragged_dot")):
+    for platform, want in (("tpu", "pallas"), ("gpu", "pallas")):
         monkeypatch.setattr(jax, "default_backend", lambda platform=platform: platform)
         assert grouped_matmul.default_backend(600, 128) == want
 
