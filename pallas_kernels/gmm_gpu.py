@@ -1,7 +1,7 @@
 """GPU versions of gmm and tgmm (same arguments as gmm_tpu / tgmm_tpu in gmm.py), for Pallas' Triton lowering.
 
-NOT YET RUN ON A GPU: written for the Triton lowering (pallas_call with a grid and BlockSpecs, no TPU-only
-features) and tested only in the Pallas interpreter on CPU (tests/test_pallas_gmm.py).
+Run natively on an H100 (tests/test_gpu.py, benchmarks/gmm.py: 30 to 50% of the bf16 peak at dots1 shapes) and in
+the Pallas interpreter on CPU (tests/test_pallas_gmm.py).
 
 GPU grid programs run in parallel, so nothing may be accumulated across grid steps or written twice; the
 design differs from the TPU kernel accordingly:
