@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from dots_jax.cache import KVCache
 from dots_jax.cpu_tuning import tune_allocator
 from dots_jax.model import Dots1ForCausalLM
-from dots_jax.sharding import cache_shardings, check_shardable, shard_state
+from dots_jax.sharding import cache_shardings, check_shardable, constrain, shard_state
 
 MIN_BUCKET = 16
 
@@ -106,7 +106,8 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, valid: ja
     logits, cache = model(ids, attention_mask=valid, cache=cache)
     last = jnp.maximum(valid.sum(axis=-1) - 1, 0)  # each row's last real token
     last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
-    return sample_tokens(last_logits, key, *sampling), last_logits, cache
+    # Replicated: every process reads the new tokens (a multi-process run cannot fetch a split array).
+    return constrain(sample_tokens(last_logits, key, *sampling), (None,)), last_logits, cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -115,7 +116,7 @@ def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, po
                  ) -> tuple[jax.Array, jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
-    return sample_tokens(logits[:, 0], key, *sampling), logits[:, 0], cache
+    return constrain(sample_tokens(logits[:, 0], key, *sampling), (None,)), logits[:, 0], cache
 
 
 @dataclasses.dataclass

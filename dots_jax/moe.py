@@ -4,7 +4,8 @@ route():     sigmoid router in f32 with the correction bias used for selection o
 moe_experts(): sort token copies by expert, grouped matmuls, unsort, weighted combine in f32, one cast.
 The grouped matmul is `grouped_matmul.gmm`, one signature with several backends (see that module).
 expert_parallel(): the same under a mesh, in shard_map: each expert shard runs only its own experts, combined
-by a psum (decode, small batches) or by an all_to_all token exchange (large batches).
+by a psum (decode, small batches) or by a token exchange (large batches): ragged_all_to_all on TPU and GPU, a
+padded all_to_all on CPU, whose XLA has no ragged-all-to-all.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dots_jax.grouped_matmul import gmm
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
 TOKEN_AXES = ("data", "fsdp", "tensor")
-A2A_MIN_TOKENS = 16  # tokens per device from which the all_to_all exchange replaces the psum
+A2A_MIN_TOKENS = 16  # tokens per device from which the token exchange replaces the psum
+STRATEGIES = ("auto", "psum", "all_to_all", "ragged_all_to_all")
 
 
 def route(
@@ -148,10 +150,11 @@ def silu(x: jax.Array) -> jax.Array:
 
 # ======================================================================================== expert parallelism
 def ep_strategy(num_tokens: int, mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh) -> str:
-    """"all_to_all" when the tokens split evenly over every device with at least A2A_MIN_TOKENS each,
-    else "psum" (decode steps, small or odd batches)."""
+    """"exchange" when the tokens split evenly over every device with at least A2A_MIN_TOKENS each, else
+    "psum" (decode steps, small or odd batches). The exchange is "ragged_all_to_all" on TPU and GPU and
+    "all_to_all" on CPU, chosen when lowering (see _ep_exchange)."""
     devices = mesh.shape[EXPERT_AXIS] * _size(mesh, TOKEN_AXES)
-    return "all_to_all" if num_tokens % devices == 0 and num_tokens // devices >= A2A_MIN_TOKENS else "psum"
+    return "exchange" if num_tokens % devices == 0 and num_tokens // devices >= A2A_MIN_TOKENS else "psum"
 
 
 def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
@@ -161,25 +164,26 @@ def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: 
 
     "psum": tokens split over the non-expert axes and whole on each expert shard; each shard computes the
     copies routed to its own experts, and a psum over "expert" adds the partial f32 sums.
-    "all_to_all": tokens split over every axis; each device sends its token copies to the shards owning their
-    experts, computes what it received, and sends the results back. The exchange is padded (every
-    destination gets a buffer for all T*k copies, so nothing is ever dropped): it runs on any backend, but
-    moves ~k times the bytes of the psum; a ragged_all_to_all exchange (TPU/GPU) is the intended large-batch
-    path and is not written yet.
+    "all_to_all" and "ragged_all_to_all": tokens split over every axis; each device sends its token copies to
+    the shards owning their experts, computes what it received, and sends the results back. Each receiver has
+    room for every copy of every shard (expert-axis size x T x k rows here), so nothing is ever dropped.
+    "all_to_all" sends every block padded to that size: it runs on any backend but moves (expert-axis size)
+    times the bytes of "ragged_all_to_all", which sends only the real copies and needs XLA's ragged-all-to-all
+    (TPU, GPU; not CPU). "auto": psum or an exchange by ep_strategy, the ragged one wherever XLA has it.
     """
     num_experts = gate.shape[0]
     shards = mesh.shape[EXPERT_AXIS]
     if num_experts % shards:
         raise ValueError(f"n_routed_experts={num_experts} is not divisible by the expert axis ({shards})")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown expert-parallel strategy {strategy!r}: one of {', '.join(map(repr, STRATEGIES))}")
     strategy = ep_strategy(x.shape[0], mesh) if strategy == "auto" else strategy
     if strategy == "psum":
         tokens = P(_dividing_axes(x.shape[0], mesh, TOKEN_AXES))
-        body = functools.partial(_ep_psum, backend=backend)
-    elif strategy == "all_to_all":
-        tokens = P((*TOKEN_AXES, EXPERT_AXIS))
-        body = functools.partial(_ep_all_to_all, backend=backend)
     else:
-        raise ValueError(f"unknown expert-parallel strategy {strategy!r}: 'auto', 'psum' or 'all_to_all'")
+        tokens = P((*TOKEN_AXES, EXPERT_AXIS))
+    body = functools.partial({"psum": _ep_psum, "all_to_all": _ep_all_to_all, "exchange": _ep_exchange,
+                              "ragged_all_to_all": _ep_ragged_all_to_all}[strategy], backend=backend)
     experts = P(EXPERT_AXIS)
     # check_vma=False: the gmm backends' loops (and Pallas kernels) start from unannotated zeros, which the
     # varying-axes check rejects. The gradients are checked against the single-device model in the tests.
@@ -217,8 +221,53 @@ def _ep_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: j
     out = expert_ffn(recv.reshape(rows, -1), jnp.arange(rows, dtype=jnp.int32), recv_group.reshape(rows),
                      gate, up, down, backend=backend)
     back = jax.lax.all_to_all(out.reshape(shards, copies, -1), EXPERT_AXIS, 0, 0)  # back[d]: from shard d
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(copies, dtype=order.dtype))
-    per_copy = back[dest, slot][inverse].reshape(num_tokens, top_k, -1)
+    return _unsort_and_combine(back[dest, slot], order, weights)
+
+
+def _ep_ragged_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+                          down: jax.Array, *, backend: str) -> jax.Array:
+    num_tokens, top_k = indices.shape
+    shards, local = jax.lax.axis_size(EXPERT_AXIS), gate.shape[0]
+    copies = num_tokens * top_k
+    flat = indices.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by expert, hence by destination shard: one block per destination
+    send_counts = jnp.bincount(flat, length=shards * local).reshape(shards, local)  # [dest shard, its expert]
+    recv_counts = jax.lax.all_to_all(send_counts, EXPERT_AXIS, 0, 0)  # [source shard, local expert]
+    send_sizes, recv_sizes = send_counts.sum(axis=1), recv_counts.sum(axis=1)
+    send_offsets = jnp.cumsum(send_sizes) - send_sizes  # block d of the send buffer
+    recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes  # source s's block in the receive buffer
+    # ragged_all_to_all takes, per destination, the offset of this shard's block in the destination's buffer,
+    # and, for the way back, in the source's buffer: each is what the other shard computed.
+    at_dest = jax.lax.all_to_all(recv_offsets, EXPERT_AXIS, 0, 0, tiled=True)
+    at_source = jax.lax.all_to_all(send_offsets, EXPERT_AXIS, 0, 0, tiled=True)
+
+    rows = shards * copies  # room for every copy of every shard
+    received = jax.lax.ragged_all_to_all(x[order // top_k], jnp.zeros((rows, x.shape[1]), x.dtype), send_offsets,
+                                         send_sizes, at_dest, recv_sizes, axis_name=EXPERT_AXIS)
+    # The sources' blocks lie one after another, each sorted by local expert: row r's expert is the
+    # (source, expert) bucket of recv_counts it falls in; rows past the last block get `local` (zeros).
+    bucket = jnp.searchsorted(jnp.cumsum(recv_counts.reshape(-1)), jnp.arange(rows), side="right")
+    group = jnp.where(bucket < shards * local, bucket % local, local)
+    out = expert_ffn(received, jnp.arange(rows, dtype=jnp.int32), group, gate, up, down, backend=backend)
+    back = jax.lax.ragged_all_to_all(out, jnp.zeros((copies, out.shape[1]), out.dtype), recv_offsets, recv_sizes,
+                                     at_source, send_sizes, axis_name=EXPERT_AXIS)
+    return _unsort_and_combine(back, order, weights)
+
+
+def _ep_exchange(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+                 down: jax.Array, *, backend: str) -> jax.Array:
+    """"ragged_all_to_all", or "all_to_all" on CPU. Chosen when lowering, not from jax.default_backend(): a CPU
+    host compiling ahead of time for a TPU gets the ragged exchange."""
+    return jax.lax.platform_dependent(x, weights, indices, gate, up, down,
+                                      cpu=functools.partial(_ep_all_to_all, backend=backend),
+                                      default=functools.partial(_ep_ragged_all_to_all, backend=backend))
+
+
+def _unsort_and_combine(sorted_out: jax.Array, order: jax.Array, weights: jax.Array) -> jax.Array:
+    """sorted_out [T*k, H]: the expert outputs of the copies in `order`; returns the f32 weighted sum per token."""
+    num_tokens, top_k = weights.shape
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    per_copy = sorted_out[inverse].reshape(num_tokens, top_k, -1)
     return jnp.einsum("tkh,tk->th", per_copy.astype(jnp.float32), weights.astype(jnp.float32),
                       precision=jax.lax.Precision.HIGHEST)
 

@@ -15,6 +15,8 @@ Python standard library's source, see dots_jax/demo.py) completes the --prompt g
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 import time
@@ -29,10 +31,12 @@ import numpy as np
 
 from dots_jax.config import ConfigError, Dots1Config
 from dots_jax.demo import DEMO_MODEL_DIR
+from dots_jax.distributed import is_main_process, maybe_initialize
 from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
 from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
-from dots_jax.sharding import make_mesh
+from dots_jax.padding import pad_for_mesh
+from dots_jax.sharding import PADDABLE, make_mesh
 from dots_jax.tokenizer import StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -97,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "default: one device")
     parser.add_argument("--show-ids", action="store_true",
                         help="after the text, also print the prompt and generated token ids")
+    parser.add_argument("--distributed", action="store_true",
+                        help="one of several processes (a TPU pod slice, a multi-node job): call "
+                             "jax.distributed.initialize() first. Not needed where the environment says so "
+                             "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 "
+                             "prints the text")
     return parser
 
 
@@ -241,6 +250,15 @@ def run_model(args: argparse.Namespace) -> int:
                             progress=sys.stderr.isatty())
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
+    if args.mesh is not None:
+        # Widths the mesh's tensor axis does not divide (or not into lane-sized slices) are zero-padded: exact.
+        padded = pad_for_mesh(model, args.mesh)
+        if padded is not model:
+            grown = [f"{field} {getattr(model.cfg, field)} -> {getattr(padded.cfg, field)}" for field in PADDABLE
+                     if getattr(padded.cfg, field) != getattr(model.cfg, field)]
+            print(f"note: zero-padded {', '.join(grown)} for the mesh's tensor axis (the logits do not change)",
+                  file=sys.stderr)
+        model = padded
 
     tokenizer = checkpoint.tokenizer
     progress = Progress(StreamDecoder(tokenizer, skip_special_tokens=True) if len(batch) == 1 else None)
@@ -267,13 +285,17 @@ def run_model(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        maybe_initialize(args.distributed)  # before any other JAX call (check_args builds the mesh)
         check_args(args)
         if args.model is None:
             args.model = str(DEMO_MODEL_DIR)
             args.prompt = args.prompt or [DEMO_PROMPT]
             print(f"note: no --model given: the embedded demo model ({DEMO_MODEL_DIR}), a small dots1 model trained "
                   "on the Python standard library; pass --model for a real checkpoint", file=sys.stderr)
-        return run_model(args)
+        # Every process of a multi-process run generates the same text: process 0 prints it. stderr (notes,
+        # errors) stays per process, so that a failure on any host shows.
+        with contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(io.StringIO()):
+            return run_model(args)
     except (UserError, CheckpointError, ConfigError, ValueError, jinja2.TemplateError) as e:
         # One line, whatever the message: the library's messages name the file, field or argument at fault.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -147,9 +147,14 @@ def _mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh | str | Mapping[str, int]
     return parse_mesh_spec(mesh) if isinstance(mesh, str | Mapping) else dict(mesh.shape)
 
 
+# The widths dots_jax.padding.pad_for_mesh can zero-pad (exactly: the padded model computes the same logits).
+PADDABLE = ("intermediate_size", "vocab_size")
+
+
 def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> None:
     """Raise one ValueError naming every dimension the mesh cannot split evenly, and the axis sizes that
-    would work (the divisors of all sizes split over that axis). Runs before anything is compiled."""
+    would work (the divisors of all sizes split over that axis), or, for the dense width and the vocabulary,
+    the padding that makes the mesh work. Runs before anything is compiled."""
     shape = _mesh_shape(mesh)
     sizes_on: dict[str, list[int]] = {}
     for _, size, logical in _split_sizes(cfg):
@@ -165,17 +170,20 @@ def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> N
             listed = ", ".join(map(str, works[:-1])) + (" or " if len(works) > 1 else "") + str(works[-1])
             axis = "x".join(axes)
             article = "an" if axis[0] in "aefx" else "a"  # an expert, an fsdp; a tensor, a data
-            problems.append(f"{field}={size} is not divisible by {axis}={n}; use {article} {axis} axis of {listed}")
+            problem = f"{field}={size} is not divisible by {axis}={n}; use {article} {axis} axis of {listed}"
+            if field in PADDABLE:
+                problem += " or zero-pad it for this mesh: model = dots_jax.padding.pad_for_mesh(model, mesh)"
+            problems.append(problem)
     if problems:
         raise ValueError("this mesh cannot shard the model: " + "; ".join(problems))
 
 
 def padding_plan(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int], lane: int = 128) -> dict[str, tuple[int, int]]:
-    """{config field: (size, padded size)} for the tensor-split widths whose per-device slice is not a multiple
-    of the TPU lane width (128): the released dense width 10944 (85.5 x 128) always, the vocabulary at
-    tensor >= 8. Padding the dense width with zero columns/rows is exact (silu(0) * 0 = 0, and the padding's
-    gradients are zero); padding the vocabulary needs its extra logits masked. Shapes that are not
-    lane-aligned still compile and run, a little slower: this says what to pad, `check_shardable` what must."""
+    """{config field: (size, padded size)} for the tensor-split widths that the tensor axis does not divide, or
+    whose per-device slice is not a multiple of the TPU lane width (128): the released dense width 10944
+    (85.5 x 128) always, the vocabulary at tensor >= 8. `dots_jax.padding.pad_for_mesh` pads the fields in
+    PADDABLE exactly (zero columns/rows; the extra logits are cut off). Lane-misaligned shapes still compile and
+    run, a little slower; undivided ones do not (`check_shardable`)."""
     shape = _mesh_shape(mesh)
     plan = {}
     for field, size, logical in _split_sizes(cfg):

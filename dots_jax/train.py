@@ -192,11 +192,14 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dots_jax.config import ConfigError, Dots1Config, preset  # noqa: E402
+from dots_jax.distributed import is_main_process, maybe_initialize  # noqa: E402
 from dots_jax.grouped_matmul import BACKENDS  # noqa: E402
 from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve  # noqa: E402
+from dots_jax.sharding import check_shardable, make_mesh, param_shardings, shard_state  # noqa: E402
 from dots_jax.tokenizer import Tokenizer  # noqa: E402
 
 CLI_USAGE = """\
@@ -262,8 +265,17 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the data order (default 0)")
     p.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
                    help="grouped-matmul backend of the routed experts (default auto: chosen for the device)")
+    p.add_argument("--mesh", metavar="AXIS=SIZE,...",
+                   help="shard the weights, optimizer state and batches over a device mesh with axes data, fsdp, "
+                        "expert, tensor, e.g. data=8 or fsdp=4,expert=16 (the sizes multiply to the device count; "
+                        "needed with several processes); default: one device")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (a TPU pod slice, a multi-node job): call "
+                        "jax.distributed.initialize() first. Not needed where the environment says so "
+                        "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 writes "
+                        "metrics.jsonl, loss_curve.png and hf/ and prints the summary")
     return p
 
 
@@ -283,6 +295,14 @@ def _cli_check_args(args: argparse.Namespace) -> None:
                        f"{args.steps}")
     if not (args.bias_update_rate >= 0 and args.balance_loss_coef >= 0):
         raise CliError("--bias-update-rate and --balance-loss-coef must be >= 0")
+    if args.mesh is not None:
+        try:
+            args.mesh = make_mesh(args.mesh)
+        except ValueError as e:
+            raise CliError(f"--mesh {args.mesh}: {e}") from None
+    elif jax.process_count() > 1:  # one device's state cannot be one state of every process
+        raise CliError(f"{jax.process_count()} processes need --mesh over all their devices, e.g. --mesh "
+                       f"data={jax.device_count()}")
 
 
 def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dots1Config:
@@ -393,6 +413,11 @@ def _cli_run(args: argparse.Namespace) -> int:
                        "or choose another --out")
 
     cfg = _cli_model_config(args, meta)
+    if args.mesh is not None:
+        try:
+            check_shardable(cfg, args.mesh)
+        except ValueError as e:
+            raise CliError(f"--mesh: {e}") from None
     if args.seq_len > cfg.max_position_embeddings:
         raise CliError(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
     tokens, tokenizer_files = _cli_data(args, cfg)
@@ -413,6 +438,11 @@ def _cli_run(args: argparse.Namespace) -> int:
     if meta is not None:
         _cli_check_resume(args, meta, fp, tc)
         graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend)
+        if args.mesh is not None:  # restored straight into the mesh's shardings (one per array, in order)
+            leaves, tree = jax.tree.flatten(abstract)
+            shardings = jax.tree.leaves(param_shardings(abstract, args.mesh))
+            abstract = tree.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+                                       for a, s in zip(leaves, shardings, strict=True)])
         state, meta = checkpoint.restore(ckpt_dir, abstract, latest)
         first_step, position, what = meta["step"], meta["data"]["position"], f"resumed from step {meta['step']}"
     else:
@@ -430,20 +460,27 @@ def _cli_run(args: argparse.Namespace) -> int:
         del model
         # Committed to the device like restored arrays: jit keys its cache on that, so a fresh and a resumed run
         # in one process (the tests) share one compiled step.
-        state = jax.device_put(state, jax.devices()[0])
+        state = shard_state(state, args.mesh) if args.mesh is not None else jax.device_put(state, jax.devices()[0])
         first_step, position = 0, 0
+    if args.mesh is not None:
+        # From here on every step runs under the mesh (the model reads it: activation shardings, expert
+        # parallelism); not while the model was built, where nnx would read its logical axis names as mesh axes.
+        jax.set_mesh(args.mesh)
     print(f"{what} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}; "
           f"{train_tokens.size} training and {eval_tokens.size} held-out tokens ({stream.num_windows} windows)",
           file=sys.stderr)
 
-    # metrics.jsonl: on resume, drop what was logged after the checkpoint (those steps run again now).
+    # metrics.jsonl: on resume, drop what was logged after the checkpoint (those steps run again now). Only
+    # process 0 writes files here (Orbax's checkpoints are written by all processes together).
+    main_process = is_main_process()
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     records = []
     if meta is not None and metrics_path.is_file():
         records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
         records = [r for r in records if r["step"] <= first_step]
-    metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if main_process:
+        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     def metadata(step: int) -> dict:
         return {"step": step, "micro_step": step * tc.grad_accum_steps,
@@ -459,8 +496,9 @@ def _cli_run(args: argparse.Namespace) -> int:
 
     def log(record: dict) -> None:
         records.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     if evals and first_step == 0:
         log({"step": 0, "eval_loss": evaluate()})
@@ -491,7 +529,8 @@ def _cli_run(args: argparse.Namespace) -> int:
             if evals and (step % args.eval_every == 0 or step == args.steps):
                 eval_loss = evaluate()
                 log({"step": step, "eval_loss": eval_loss})
-                bar.write(f"step {step}: eval loss {eval_loss:.4f}")  # to stdout, with the final summary
+                if main_process:
+                    bar.write(f"step {step}: eval loss {eval_loss:.4f}")  # to stdout, with the final summary
             if step % args.save_every == 0 or step == args.steps:
                 checkpoint.save(ckpt_dir, step, state, metadata(step), max_to_keep=args.keep)
                 saved = step
@@ -501,10 +540,14 @@ def _cli_run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 130
     bar.close()
+    weights = (state.params, state.router_bias)
+    if jax.process_count() > 1:  # every process takes part; then each holds the whole model
+        weights = multihost_utils.process_allgather(weights, tiled=True)
+    if not main_process:
+        return 0
 
     _cli_plot(records, out / "loss_curve.png")
-    hf_dir = checkpoint.export_hf(nnx.merge(graphdef, state.params, state.router_bias), out / "hf",
-                                  extra_files=tokenizer_files)
+    hf_dir = checkpoint.export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=tokenizer_files)
     last = [r for r in records if "ce" in r][-1]
     last_eval = [r["eval_loss"] for r in records if "eval_loss" in r]
     print(f"step {args.steps}: train loss {last['loss']:.4f}"
@@ -520,8 +563,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = _cli_parser().parse_args(argv)
+        maybe_initialize(args.distributed)  # before any other JAX call
         _cli_check_args(args)
-        return _cli_run(args)
+        try:
+            return _cli_run(args)
+        finally:
+            if args.mesh is not None:
+                jax.set_mesh(None)  # _cli_run set it; main() may run again in this process (the tests do)
     except (CliError, ConfigError, CheckpointError, DataError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
-"""Sharding: the rules table, mesh specs, rejections, and (on 8 simulated CPU devices) sharded prefill, decode and
-training gradients against the single-device model.
+"""Sharding: the rules table, mesh specs, rejections, tensor-parallel padding, and (on 8 simulated CPU devices)
+sharded prefill, decode and training gradients, padded models and the expert-parallel exchanges against the
+single-device model; the ragged exchange compiled for a TPU slice.
 
 The rest of the suite runs on one device, and the device count is fixed when JAX starts, so the 8-device tests
 run in a child pytest (test_eight_simulated_devices) with XLA_FLAGS set; in this process they are skipped.
@@ -27,6 +28,7 @@ from dots_jax.cache import KVCache
 from dots_jax.config import preset
 from dots_jax.model import Dots1ForCausalLM, random_model
 from dots_jax.moe import expert_parallel, moe_experts
+from dots_jax.padding import PaddedDots1ForCausalLM, pad_for_mesh, unpad
 from dots_jax.train import Batch, TrainConfig, init_state, jit_train_step, loss_fn
 
 MESHES = ["data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2", "data=8"]
@@ -100,6 +102,45 @@ def test_released_model_meshes_and_padding_plan():
     assert plan["intermediate_size"] == (10944, 11008)  # 10944 = 85.5 x 128: pad to 2 x 43 x 128
     assert "vocab_size" not in plan  # 152064 / 2 = 594 x 128 already
     assert sharding.padding_plan(cfg, "expert=16") == {}  # nothing is split over tensor
+
+
+def padded_cfg():
+    # Dense width and vocabulary that no tensor axis > 1 divides; 4 kv heads so that tensor=4 splits attention.
+    return tiny_cfg(vocab_size=251, intermediate_size=97, num_key_value_heads=4)
+
+
+def test_check_shardable_points_to_padding_where_it_applies():
+    with pytest.raises(ValueError) as info:
+        sharding.check_shardable(padded_cfg(), "tensor=2")
+    message = str(info.value)
+    assert "vocab_size=251 is not divisible by tensor=2" in message
+    assert "intermediate_size=97 is not divisible by tensor=2" in message
+    assert message.count("dots_jax.padding.pad_for_mesh(model, mesh)") == 2
+    with pytest.raises(ValueError) as info:  # attention heads are not padded: no pointer
+        sharding.check_shardable(tiny_cfg(), "tensor=4")
+    assert "pad_for_mesh" not in str(info.value)
+
+
+def test_padding_on_one_device_is_exact_and_undone_by_unpad():
+    cfg = padded_cfg()
+    model = random_model(cfg, seed=3, moe_backend="gather")
+    padded = pad_for_mesh(model, "tensor=4")
+    assert isinstance(padded, PaddedDots1ForCausalLM)
+    plan = sharding.padding_plan(cfg, "tensor=4")
+    assert (padded.cfg.vocab_size, padded.cfg.intermediate_size) == (512, 512)  # 4 x 128 each
+    assert (plan["vocab_size"], plan["intermediate_size"]) == ((251, 512), (97, 512))
+    assert padded.lm_head.shape == (64, 512) and padded.dense_layers.mlp.down_proj.shape == (1, 512, 64)
+    sharding.check_shardable(padded.cfg, "tensor=4")
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12), dtype=np.int32)
+    want = np.asarray(model(ids))
+    assert np.asarray(padded(ids)).shape == want.shape  # cut back to the real vocabulary
+    assert rel_err(padded(ids), want) <= TOL
+    back = unpad(padded)
+    assert type(back) is Dots1ForCausalLM and back.cfg == cfg
+    for got, original in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(model)), strict=True):
+        np.testing.assert_array_equal(got, original)
+    assert pad_for_mesh(model, "expert=8") is model  # nothing split over tensor: nothing to pad
+    assert pad_for_mesh(padded, "tensor=4") is padded
 
 
 def test_constrain_is_a_no_op_without_a_mesh():
@@ -242,16 +283,38 @@ def test_eight_devices_cache_shardings():
     assert odd.moe.k.spec == P(None, None, None, "tensor", None)  # a batch of 3 stays whole
 
 
+def ragged_all_to_all_by_the_docs(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                                  axis_name, axis_index_groups=None):
+    """jax.lax.ragged_all_to_all as its docstring defines it, one slice per destination, built from all_to_all
+    and gathers: XLA:CPU has no ragged-all-to-all ("HLO opcode `ragged-all-to-all` is not supported by XLA:CPU
+    ThunkEmitter"), so on CPU this stands in for it. Sender: slice d is operand[input_offsets[d] :
+    input_offsets[d] + send_sizes[d]]; receiver: the slice from source s lands at (s's output_offsets[me]), its
+    recv_sizes[s] rows."""
+    assert axis_index_groups is None
+    shards, rows = jax.lax.axis_size(axis_name), operand.shape[0]
+    r = jnp.arange(rows)
+    slices = operand[jnp.clip(input_offsets[:, None] + r, 0, rows - 1)]  # [dest, rows, ...]
+    in_slice = (r < send_sizes[:, None]).reshape(shards, rows, *[1] * (operand.ndim - 1))
+    received = jax.lax.all_to_all(jnp.where(in_slice, slices, 0), axis_name, 0, 0)  # [source, rows, ...]
+    offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)  # where source s writes here
+    target = jnp.where(r < recv_sizes[:, None], offsets[:, None] + r, output.shape[0])  # outside: dropped
+    return output.at[target.reshape(-1)].set(received.reshape(shards * rows, *operand.shape[1:]), mode="drop")
+
+
 @NEEDS_8
-@pytest.mark.parametrize("strategy", ["psum", "all_to_all"])
-def test_eight_devices_expert_parallel_strategies(strategy):
+@pytest.mark.parametrize("strategy, spec", [("psum", "data=2,expert=4"), ("all_to_all", "data=2,expert=4"),
+                                            ("auto", "expert=8"), ("ragged_all_to_all", "data=2,expert=4"),
+                                            ("ragged_all_to_all", "expert=8")])
+def test_eight_devices_expert_parallel_strategies(strategy, spec, monkeypatch):
     rng = np.random.default_rng(1)
-    e, h, i, t, k = 8, 16, 8, 64, 3
+    e, h, i, t, k = 8, 16, 8, 128, 3  # 16 tokens per device: "auto" exchanges tokens
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
     idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
     w = jnp.asarray(rng.random((t, k)), jnp.float32)
     gate, up, down = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(e, h, i), (e, h, i), (e, i, h)])
-    mesh = sharding.make_mesh("data=2,expert=4")
+    mesh = sharding.make_mesh(spec)
+    if strategy == "ragged_all_to_all":  # numerically untested on the real collective: see the docstring above
+        monkeypatch.setattr(jax.lax, "ragged_all_to_all", ragged_all_to_all_by_the_docs)
 
     def ep(x, gate):
         return expert_parallel(x, w, idx, gate, up, down, mesh=mesh, strategy=strategy)
@@ -260,12 +323,76 @@ def test_eight_devices_expert_parallel_strategies(strategy):
         return lambda x, gate: (f(x, gate) ** 2).sum()
 
     with jax.set_mesh(mesh):
-        got = jax.jit(ep)(x, gate)
+        compiled = jax.jit(ep).lower(x, gate).compile()
+        got = compiled(x, gate)
         got_grads = jax.jit(jax.grad(loss(ep), argnums=(0, 1)))(x, gate)
+    if strategy == "auto":  # the exchange, and on CPU the padded one (lowered for CPU only)
+        assert "all-to-all" in compiled.as_text() and "ragged-all-to-all" not in compiled.as_text()
     single = lambda x, gate: moe_experts(x, w, idx, gate, up, down)  # noqa: E731
     assert rel_err(got, single(x, gate)) <= TOL
     for g, want in zip(got_grads, jax.grad(loss(single), argnums=(0, 1))(x, gate), strict=True):
         assert rel_err(g, want) <= TOL
+
+
+@NEEDS_8
+@pytest.mark.parametrize("spec, check_grads", [("data=2,expert=2,tensor=2", False), ("fsdp=2,tensor=4", True)])
+def test_eight_devices_padded_model_matches_the_unpadded_one_device_model(spec, check_grads, inputs):
+    """Dense width 97 and vocabulary 251 on tensor axes of 2 and 4: padded, sharded logits (and on one mesh the
+    gradients) equal the unpadded single-device model's; the padding's gradients are exactly zero."""
+    model = random_model(padded_cfg(), seed=3, moe_backend="gather")
+    mesh = sharding.make_mesh(spec)
+    with pytest.raises(ValueError, match="pad_for_mesh"):
+        sharding.check_shardable(model.cfg, mesh)
+    padded = pad_for_mesh(model, mesh)
+    ids, valid, _ = inputs
+    ids = ids % model.cfg.vocab_size
+    forward = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
+    want = forward(*nnx.split(model), ids[:, :PROMPT])
+    graphdef, state = nnx.split(padded)
+    with jax.set_mesh(mesh):
+        got = forward(graphdef, sharding.shard_state(state, mesh), ids[:, :PROMPT])
+    assert got.shape == want.shape and rel_err(got, want) <= TOL, rel_err(got, want)
+    if not check_grads:  # each gradient check compiles two more programs
+        return
+    want_grads = dict(jax.tree_util.tree_leaves_with_path(grads(model, (ids, valid, None), None)))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads(padded, (ids, valid, None), mesh)):
+        real = tuple(slice(0, n) for n in want_grads[path].shape)
+        assert rel_err(g[real], want_grads[path]) <= TOL, jax.tree_util.keystr(path)
+        padding = np.ones(g.shape, bool)
+        padding[real] = False
+        assert not np.any(g[padding]), jax.tree_util.keystr(path)
+
+
+def test_ragged_exchange_compiles_for_tpu():
+    """"auto" picks ragged_all_to_all when lowering for TPU (on a CPU host, ahead of time): the forward and the
+    gradient compile for a v5p:2x2x2 slice with XLA's ragged-all-to-all in them. This is the only check of the
+    real collective: nothing here runs it (XLA:CPU lacks it)."""
+    pytest.importorskip("libtpu", reason="needs jax[tpu] (libtpu), from the [test] extra")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")  # quiets libtpu's start-up probing
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x2").devices
+    mesh = sharding.make_mesh("data=2,expert=4", devices=devices)
+    e, h, i, t, k = 16, 256, 128, 8 * 64, 4
+    tokens, experts = P(("data", "expert")), P("expert")
+
+    def arg(shape, dtype, spec):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.sharding.NamedSharding(mesh, spec))
+
+    args = (arg((t, h), jnp.bfloat16, tokens), arg((t, k), jnp.float32, tokens), arg((t, k), jnp.int32, tokens),
+            arg((e, h, i), jnp.bfloat16, experts), arg((e, h, i), jnp.bfloat16, experts),
+            arg((e, i, h), jnp.bfloat16, experts))
+
+    def ep(*args):
+        return expert_parallel(*args, mesh=mesh, backend="ragged_dot")
+
+    def loss(*args):
+        return (ep(*args).astype(jnp.float32) ** 2).sum()
+
+    with jax.set_mesh(mesh):
+        forward = jax.jit(ep).lower(*args).compile().as_text()
+        backward = jax.jit(jax.grad(loss, argnums=(0, 3))).lower(*args).compile().as_text()
+    assert "ragged-all-to-all" in forward and "ragged-all-to-all" in backward
 
 
 @NEEDS_8
