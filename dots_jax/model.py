@@ -110,7 +110,11 @@ class Attention(nnx.Module):
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)  # head n = kv * groups + g, as repeat_kv
         # Scores in the activation dtype, then the scale; softmax in f32 and back (the reference's eager path).
         scores = jnp.einsum("bsngd,btnd->bngst", q, k.astype(dtype)) * jnp.asarray(self.head_dim**-0.5, dtype)
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(dtype).min)
+        # An additive bias (0 or the dtype's minimum), as the reference's eager path adds its mask: softmax gives
+        # masked keys exactly 0 either way, and unlike a select, an add keeps no [B, heads, S, T] mask for the
+        # backward pass (a residual per layer that cost about as much as the select itself in a training step).
+        bias = jnp.where(mask, jnp.zeros((), dtype), jnp.finfo(dtype).min)
+        scores = scores + bias[:, None, None, :, :]
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
         out = jnp.einsum("bngst,btnd->bsngd", probs, v.astype(dtype)).reshape(b, s, self.num_heads, self.head_dim)
         y = jnp.einsum("bsnd,ndh->bsh", out, self.o_proj[...].astype(dtype))
@@ -284,11 +288,11 @@ class Dots1ForCausalLM(nnx.Module):
         logits, cache, _ = self.forward(input_ids, positions, attention_mask, cache)
         return logits if cache is None else (logits, cache)
 
-    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                attention_mask: jax.Array | None = None, cache: KVCache | None = None
-                ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
-        """As __call__, also returning each MoE layer's routing statistics (stacked on a leading layer axis;
-        None without MoE layers), which training uses for load balancing."""
+    def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, cache: KVCache | None = None
+                      ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        """As forward, but the final-norm hidden states [B, S, H] in place of the logits (the LM head is
+        head_weight()); training applies the head fused with its loss (train.head_nll)."""
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -313,11 +317,22 @@ class Dots1ForCausalLM(nnx.Module):
                                        key_valid, valid, None if cache is None else cache.dense, index)
         x, moe_cache, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos,
                                          key_valid, valid, None if cache is None else cache.moe, index)
-        x = self.norm(x)
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        logits = constrain(x @ head.astype(dtype), ("batch", "seq", "act_vocab"))
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
+        return self.norm(x), cache, stats
+
+    def head_weight(self) -> jax.Array:
+        """The LM head [H, V] in the activation dtype (the embedding's transpose when tied)."""
+        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return head.astype(self.dtype)
+
+    def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                attention_mask: jax.Array | None = None, cache: KVCache | None = None
+                ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        """As __call__, also returning each MoE layer's routing statistics (stacked on a leading layer axis;
+        None without MoE layers), which training uses for load balancing."""
+        x, cache, stats = self.hidden_states(input_ids, positions, attention_mask, cache)
+        logits = constrain(x @ self.head_weight(), ("batch", "seq", "act_vocab"))
         return logits, cache, stats
 
 

@@ -404,3 +404,29 @@ def test_bf16_compute_trains_with_f32_master_weights(bf16_run):
     assert np.all(np.isfinite(losses)), losses
     # The repeated batch is fitted: the loss falls within 10 steps and keeps falling.
     assert losses[9] < 0.8 * losses[0] and losses[-1] < 0.5 * losses[0], losses.round(3).tolist()
+
+
+@pytest.mark.parametrize("dtype, rtol", [(np.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_head_nll_and_its_custom_gradient_match_float64(dtype, rtol):
+    # head_nll has a hand-written backward; hold it and the forward to float64 numpy, with a per-token cotangent
+    # (a loss mask) so that d_nll is not uniform.
+    rng = np.random.default_rng(3)
+    n, h, v = 37, 24, 50
+    x = rng.standard_normal((n, h)).astype(np.float32)
+    w = (rng.standard_normal((h, v)) * 0.3).astype(np.float32)
+    targets = rng.integers(0, v, n).astype(np.int32)
+    ct = rng.random(n).astype(np.float32) * (rng.random(n) > 0.2)
+    xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    nll, vjp = jax.vjp(lambda a, b: train.head_nll(a, b, jnp.asarray(targets)), xj, wj)
+    d_x, d_w = vjp(jnp.asarray(ct))
+    xd, wd = np.asarray(xj, np.float64), np.asarray(wj, np.float64)  # the rounded inputs the kernel saw
+    logits = xd @ wd
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    want_nll = lse - logits[np.arange(n), targets]
+    d_logits = (np.exp(logits - lse[:, None]) - np.eye(v)[targets]) * ct[:, None]
+    for name, got, want in (("nll", nll, want_nll), ("d_x", d_x, d_logits @ wd.T), ("d_head", d_w, xd.T @ d_logits)):
+        got = np.asarray(got, np.float64)
+        assert got.dtype == np.float64 and np.isfinite(got).all(), name
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err <= rtol, f"{name}: relative error {err:.2e}"
+    assert d_x.dtype == xj.dtype and d_w.dtype == wj.dtype
