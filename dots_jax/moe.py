@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.grouped_matmul import gmm
+from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
@@ -133,10 +133,17 @@ def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: 
     group_sizes = jnp.bincount(group, length=num_groups + 1)[:num_groups].astype(jnp.int32)
     rows = source[row_index[order]]  # sorted by group
 
-    h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
-    h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
-    h = silu(h_gate) * h_up
-    out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [C, H]
+    if backend == "auto":
+        backend = default_backend(rows.shape[0], num_groups)  # as gmm would resolve it
+    if backend == "loop":
+        # The same computation fused into one loop over row tiles forward and one backward, instead of three
+        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
+        out_sorted = expert_ffn_loop(rows, gate.astype(dtype), up.astype(dtype), down.astype(dtype), group_sizes)
+    else:
+        h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
+        h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
+        h = silu(h_gate) * h_up
+        out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [C, H]
 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
