@@ -186,9 +186,10 @@ class Ours:
         norm_gd, norm_params = nnx.split(self.model.norm)
         head_params = {"norm": norm_params, "lm_head": self.model.lm_head[...]}
 
-        def head_loss(params, x, targets, loss_mask):
-            logits = nnx.merge(norm_gd, params["norm"])(x) @ params["lm_head"]
-            return (train.token_nll(logits, targets) * loss_mask).sum() / loss_mask.sum()  # as train.loss_fn
+        def head_loss(params, x, targets, loss_mask):  # as train.loss_fn: the final norm, then the fused head loss
+            h = nnx.merge(norm_gd, params["norm"])(x)
+            nll = train.head_nll(h.reshape(-1, h.shape[-1]), params["lm_head"], targets.reshape(-1))
+            return (nll.reshape(targets.shape) * loss_mask).sum() / loss_mask.sum()
 
         head_grad = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))
         self.blocks["head"] = lambda: jax.block_until_ready(head_grad(head_params, x, targets, loss_mask))
