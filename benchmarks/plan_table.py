@@ -9,6 +9,7 @@ The JSON is rewritten after every row.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -40,9 +41,12 @@ def _key(r: dict) -> tuple:
     return r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in the JSON")
+    args = parser.parse_args(argv)
     done = {}
-    if "--resume" in sys.argv[1:] and OUT.is_file():
+    if args.resume and OUT.is_file():
         done = {_key(r): r for r in json.loads(OUT.read_text())["rows"]}
     reports = []
     for row in ROWS:

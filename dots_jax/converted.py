@@ -65,7 +65,10 @@ def item_path(root: epath.Path, unit: str, param: str) -> epath.Path:
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
-    return epath.Path(os.path.expanduser(os.fspath(path)))
+    text = os.path.expanduser(os.fspath(path))
+    if "://" not in text:  # a local path: Orbax refuses relative ones ("Checkpoint path should be absolute")
+        text = os.path.abspath(text)
+    return epath.Path(text)
 
 
 def is_converted(path: str | os.PathLike) -> bool:

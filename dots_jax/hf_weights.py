@@ -219,8 +219,20 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
     if repo.count("/") != 1 or repo.startswith((".", "/", "~")):
         raise CheckpointError(f"{repo}: no such directory, and not a Hugging Face repo id (org/name)")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    return Path(snapshot_download(repo, allow_patterns=HF_FILE_PATTERNS))
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HF_FILE_PATTERNS))
+    except LocalEntryNotFoundError as e:  # no network (or HF_HUB_OFFLINE=1) and not in the HF cache
+        from huggingface_hub import constants
+
+        why = ("HF_HUB_OFFLINE forbids downloading it" if constants.HF_HUB_OFFLINE
+               else f"the Hugging Face Hub cannot be reached ({e.__cause__ or 'no network'})")
+        raise CheckpointError(f"{repo}: not a local directory, not in the Hugging Face cache, and {why}: "
+                              f"fetch it with network access (hf download {repo}) or pass a local directory"
+                              ) from None
+    except HfHubHTTPError as e:  # repository not found, gated, ...: the hub's message, on one line
+        raise CheckpointError(f"{repo}: {' '.join(str(e).split())}") from None
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,

@@ -30,11 +30,12 @@ import jinja2
 import numpy as np
 
 from dots_jax.config import ConfigError, Dots1Config
+from dots_jax.converted import from_pretrained  # HF directories, repo ids and converted checkpoints
 from dots_jax.demo import DEMO_MODEL_DIR
 from dots_jax.distributed import is_main_process, maybe_initialize
 from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
-from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve
+from dots_jax.hf_weights import CheckpointError, resolve
 from dots_jax.padding import pad_for_mesh
 from dots_jax.sharding import PADDABLE, make_mesh
 from dots_jax.tokenizer import StreamDecoder, Tokenizer
@@ -246,8 +247,8 @@ def run_model(args: argparse.Namespace) -> int:
         stops.add(checkpoint.tokenizer.token_to_id(END_OF_RESPONSE))
 
     start = time.perf_counter()
-    model = from_pretrained(checkpoint.directory, dtype=DTYPES[args.dtype], moe_backend=args.moe_backend,
-                            progress=sys.stderr.isatty())
+    model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=DTYPES[args.dtype],
+                            moe_backend=args.moe_backend, progress=sys.stderr.isatty())
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
     if args.mesh is not None:

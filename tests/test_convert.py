@@ -255,6 +255,31 @@ def test_cli_exit_code_and_one_line_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_relative_paths(source, converted_dir, tmp_path, monkeypatch):
+    """Orbax wants absolute paths: `--dst runs/x` (relative, as in the README) must work all the same."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _convert(source[0], Path("runs/jax"))
+    assert code == 0, err
+    code, _, err = run_cli(jax_to_hf.main, ["--src", "runs/jax", "--dst", "runs/hf", "--no-progress"])
+    assert code == 0, err
+    assert converted.read_manifest(tmp_path / "runs/jax")["units"] == converted.read_manifest(converted_dir)["units"]
+    original, back = _all_tensors(source[0]), _all_tensors(tmp_path / "runs/hf")
+    assert set(back) == set(original) and all(back[k].tobytes() == v.tobytes() for k, v in original.items())
+    model = dots_jax.from_pretrained("runs/jax", progress=False)  # a relative converted checkpoint loads too
+    assert model.cfg == dots_jax.Dots1Config.from_hf(source[0])
+
+
+def test_repo_id_offline_is_one_error_line(tmp_path):
+    env = {**_cli_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([sys.executable, "-m", "convert.hf_to_jax", "--src", "dots-jax-tests/no-such-model",
+                             "--dst", str(tmp_path / "out")], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: dots-jax-tests/no-such-model: ") and "HF_HUB_OFFLINE" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------- 5. 8 simulated devices
 SHARDED = textwrap.dedent("""
     import sys

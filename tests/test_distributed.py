@@ -169,7 +169,10 @@ def test_two_process_training_matches_one_device_and_only_process_0_writes(tmp_p
     results = run_two_processes([sys.executable, "-m", "dots_jax.train", *args, "--mesh", "data=2,expert=2",
                                  "--out", str(tmp_path / "two")])
     assert "step 2: train loss" in results[0].stdout
-    assert [line for line in results[1].stdout.splitlines() if not line.startswith("[Gloo]")] == []
+    # Gloo's own logging ("[Gloo] Rank 1 is connected to 3 peer ranks. ..."), whose lines its threads sometimes
+    # break apart, is not the CLI's output.
+    assert [line for line in results[1].stdout.splitlines()
+            if not line.startswith("[Gloo]") and "peer ranks" not in line and line.strip()] == []
     assert all("train: 100%" in r.stderr for r in results)  # both trained; progress stays on each stderr
     out = tmp_path / "two"
     assert (out / "loss_curve.png").is_file() and (out / "hf" / "model.safetensors").is_file()

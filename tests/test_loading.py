@@ -363,11 +363,33 @@ def test_resolve_repo_id_offline(monkeypatch, tmp_path):
         raise OSError("network access attempted in an offline test")
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
-    with pytest.raises(Exception) as info:  # noqa: B017 - whatever huggingface_hub raises offline
+    with pytest.raises(CheckpointError) as info:  # one line naming the repo and why, not huggingface_hub's text
         resolve("dots-jax-tests/no-such-model")
-    assert type(info.value).__module__.startswith("huggingface_hub"), repr(info.value)
+    message = str(info.value)
+    assert message.startswith("dots-jax-tests/no-such-model: ") and "\n" not in message, message
+    assert "HF_HUB_OFFLINE" in message and "not in the Hugging Face cache" in message, message
     assert not attempts
 
+
+
+def test_resolve_repo_id_without_network(monkeypatch, tmp_path):
+    """Online mode but no network (every connection refused): the same one line, saying the Hub is unreachable."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def no_network(self, *args, **kwargs):
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(CheckpointError) as info:
+        resolve("dots-jax-tests/no-such-model")
+    message = str(info.value)
+    assert message.startswith("dots-jax-tests/no-such-model: ") and "\n" not in message, message
+    assert "cannot be reached" in message and "not in the Hugging Face cache" in message, message
 
 # ------------------------------------------------------------------------------------------ safetensors
 def _round_trip_cases() -> dict[str, np.ndarray]:

@@ -98,3 +98,15 @@ def test_training_step_compiles_with_fsdp_and_expert_parallelism() -> None:
     # f32 params + two f32 moments: routed experts 135e9 x 12 B / 128 chips, the rest 7.7e9 x 12 B / 8.
     assert 20 < m["weights"] < 25 and m["weights"] < m["total"] < 95
     assert r["arithmetic"]["tokens_per_step"] == 128 * 128
+
+
+def test_plan_table_help_runs_nothing() -> None:
+    """`python benchmarks/plan_table.py --help` prints its usage; it used to ignore it and run every compile."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_table.py"
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--resume" in result.stdout, result.stderr
+    assert "fits" not in result.stderr

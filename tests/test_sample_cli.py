@@ -96,3 +96,28 @@ def test_missing_model_is_one_error_line(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --model") and str(missing) in lines[0], err
     assert "Traceback" not in out + err
+
+
+def test_repo_id_offline_is_one_error_line(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE when imported (transformers imported it already): set both.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    code, out, err = run_main(["--model", "dots-jax-tests/no-such-model", "--prompt", "hi"])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --model") and "dots-jax-tests/no-such-model" in lines[0]
+    assert "HF_HUB_OFFLINE" in lines[0] and "Traceback" not in out + err
+
+
+def test_converted_checkpoint_gives_the_same_tokens(checkpoint, hello_run, tmp_path):
+    """--model accepts a directory written by convert.hf_to_jax (as the README says), with the HF run's output."""
+    from convert.hf_to_jax import convert
+
+    convert(str(checkpoint), tmp_path / "jax", progress=False, log=lambda _: None)
+    code, out, err = run_main(["--model", str(tmp_path / "jax"), "--prompt", PROMPT, "--max-new-tokens",
+                               str(MAX_NEW_TOKENS), "--show-ids"])
+    assert code == 0, err
+    assert out == hello_run[1]
