@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["BACKENDS", "default_backend", "expert_ffn_loop", "gmm", "gmm_dense", "gmm_gather", "gmm_loop", "gmm_pallas",
-           "gmm_ragged_dot", "loop_row_tile", "register_backend"]
+           "gmm_ragged_dot", "loop_row_tile", "register_backend", "silu"]
 
 # A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
 # preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
@@ -332,11 +332,12 @@ def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_e
 # its gradient materialised at full size in between. On CPU, at the shapes we train, each loop step is a few
 # tiny matmuls and per-step overhead dominates, so one loop that does all of a tile's work (forward: 3 matmuls;
 # backward: 6) is cheaper. The numerics follow the unfused path: products accumulate in f32 and are cast to
-# the activation dtype where gmm casts; SiLU and its derivative are computed in f32 (as moe.silu does).
+# the activation dtype where gmm casts; SiLU and its derivative are computed in f32 (as silu below does).
 
 
-def _silu_cast(x: jax.Array) -> jax.Array:
-    """moe.silu (f32 SiLU, cast back), repeated here: moe imports this module, not the other way round."""
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU computed in f32 and cast back, as torch does for bf16 inputs. Lives here, not in moe (which imports
+    this module), so that the fused expert loop and the unfused path share it."""
     return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -382,7 +383,7 @@ def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax
         w_down = jax.lax.dynamic_index_in_dim(down, group, axis=0, keepdims=False)  # [I, H]
         h_gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32).astype(dtype)
         h_up = jnp.dot(x, w_up, preferred_element_type=jnp.float32).astype(dtype)
-        y = jnp.dot(_silu_cast(h_gate) * h_up, w_down, preferred_element_type=jnp.float32).astype(dtype)
+        y = jnp.dot(silu(h_gate) * h_up, w_down, preferred_element_type=jnp.float32).astype(dtype)
         written = (y, h_gate, h_up) if keep_activations else (y,)
         return tuple(jax.lax.dynamic_update_slice_in_dim(slots, value, t * tile, axis=0)
                      for slots, value in zip(carry, written, strict=True))

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm
+from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm, silu
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
@@ -148,11 +148,6 @@ def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
     return out_sorted[inverse]
-
-
-def silu(x: jax.Array) -> jax.Array:
-    """SiLU computed in f32 and cast back, as torch does for bf16 inputs."""
-    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
 
 
 # ======================================================================================== expert parallelism
