@@ -87,19 +87,40 @@ def interleaved(fns: dict[str, Callable[[], None]], runs: int, warmup: int = 1) 
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+# ================================================================================================ shared setup
+def reference_train_config() -> train.TrainConfig:
+    """dots_jax's side of the reference's optimizer: a constant learning rate, no balance loss and no bias update
+    (the reference has neither)."""
+    return train.TrainConfig(learning_rate=LR, total_steps=10**6, warmup_steps=0, decay_steps=0, b1=BETAS[0],
+                             b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, balance_loss_coef=0.0,
+                             bias_update_rate=0.0)
+
+
+def next_token_batch(ids: np.ndarray) -> train.Batch:
+    """The batch the reference trains on with labels=ids: each position predicts the next; the last has none."""
+    mask = np.ones(ids.shape, np.float32)
+    mask[:, -1] = 0
+    return jax.device_put(train.Batch(jnp.asarray(ids), jnp.asarray(np.roll(ids, -1, axis=1)), jnp.asarray(mask)))
+
+
+def torch_adamw(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], torch.optim.AdamW]:
+    """(all parameters, AdamW) with weight decay on the matrices only, as dots_jax's optimizer. fused=True: torch's
+    fastest AdamW on CPU and GPU (one kernel over all tensors)."""
+    params = dict(model.named_parameters())
+    decay = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias")]
+    no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=LR, betas=BETAS, eps=EPS, fused=True)
+    return list(params.values()), opt
+
+
 # ================================================================================================ dots_jax side
 class Ours:
     def __init__(self, path: Path, ids: np.ndarray, x: np.ndarray):
         self.model = dots_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
         self.cfg = self.model.cfg
-        # A constant learning rate, no balance loss and no bias update: the reference has neither.
-        self.tc = tc = train.TrainConfig(learning_rate=LR, total_steps=10**6, warmup_steps=0, decay_steps=0,
-                                         b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
-                                         grad_clip=CLIP, balance_loss_coef=0.0, bias_update_rate=0.0)
-        mask = np.ones(ids.shape, np.float32)
-        mask[:, -1] = 0  # the last position has no next token
-        self.batch = jax.device_put(train.Batch(jnp.asarray(ids), jnp.asarray(np.roll(ids, -1, axis=1)),
-                                                jnp.asarray(mask)))
+        self.tc = tc = reference_train_config()
+        self.batch = next_token_batch(ids)
         self.graphdef, state = train.init_state(self.model, tc)
         self.state = jax.device_put(state, jax.devices()[0])
         gd = self.graphdef
@@ -201,14 +222,7 @@ class Reference:
         self.model = model.train()
         self.cfg = model.config
         self.ids = torch.from_numpy(ids.astype(np.int64))
-        params = dict(model.named_parameters())
-        decay = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias")]
-        no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
-        self.params = list(params.values())
-        # fused=True: torch's fastest AdamW on CPU (one kernel over all tensors).
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=LR, betas=BETAS, eps=EPS, fused=True)
+        self.params, self.opt = torch_adamw(model)
         self._blocks(x)
 
     def loss(self) -> torch.Tensor:

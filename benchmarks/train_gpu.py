@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
-from train_cpu import BETAS, CLIP, COMMON, CONFIGS, EPS, LR, WEIGHT_DECAY, interleaved  # noqa: E402
+from train_cpu import CLIP, COMMON, CONFIGS, interleaved, next_token_batch, reference_train_config, torch_adamw  # noqa: E402
 
 import dots_jax  # noqa: E402
 from dots_jax import train  # noqa: E402
@@ -54,14 +54,9 @@ class Ours:
     def __init__(self, path: Path, ids: np.ndarray, moe_backend: str):
         model = dots_jax.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.float32, progress=False,
                                          moe_backend=moe_backend)
-        self.tc = tc = train.TrainConfig(learning_rate=LR, total_steps=10**6, warmup_steps=0, decay_steps=0,
-                                         b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=WEIGHT_DECAY,
-                                         grad_clip=CLIP, balance_loss_coef=0.0, bias_update_rate=0.0)
-        mask = np.ones(ids.shape, np.float32)
-        mask[:, -1] = 0  # the last position has no next token
-        self.batch = jax.device_put(train.Batch(jnp.asarray(ids), jnp.asarray(np.roll(ids, -1, axis=1)),
-                                                jnp.asarray(mask)))
-        self.graphdef, self.state = train.init_state(model, tc)
+        self.tc = reference_train_config()
+        self.batch = next_token_batch(ids)
+        self.graphdef, self.state = train.init_state(model, self.tc)
         gd = self.graphdef
         self._grad = jax.jit(jax.value_and_grad(
             lambda p, rb, b: train.loss_fn(p, rb, gd, b, 0.0), has_aux=True))
@@ -82,13 +77,7 @@ class Reference:
     def __init__(self, model: transformers.Dots1ForCausalLM, ids: np.ndarray):
         self.model = model.cuda().train()
         self.ids = torch.from_numpy(ids.astype(np.int64)).cuda()
-        params = dict(model.named_parameters())
-        decay = [p for n, p in params.items() if p.ndim >= 2 and not n.endswith("bias")]
-        no_decay = [p for n, p in params.items() if not (p.ndim >= 2 and not n.endswith("bias"))]
-        self.params = list(params.values())
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=LR, betas=BETAS, eps=EPS, fused=True)
+        self.params, self.opt = torch_adamw(self.model)
 
     def loss(self) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16):
