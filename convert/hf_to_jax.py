@@ -72,6 +72,20 @@ class DestinationError(ValueError):
 USER_ERRORS = (CheckpointError, ConfigError, SafetensorsError, DestinationError)
 
 
+def refuse_overlap(src: str | os.PathLike, dst: epath.Path, work: epath.Path) -> None:
+    """Raise DestinationError when the source and DST (or the work directory beside DST) are the same directory,
+    one inside the other, or a symlink to either: --overwrite (or a fresh start) deletes DST and its work
+    directory, and with them the source. Checked on the resolved local paths before anything is touched."""
+    if "://" in os.fspath(dst):  # a remote DST cannot be a local source
+        return
+    source = Path(os.path.realpath(os.path.expanduser(os.fspath(src))))
+    for target in (dst, work):
+        resolved = Path(os.path.realpath(os.fspath(target)))
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise DestinationError(f"--dst {dst} overlaps --src {src} (resolved: {resolved} and {source}): "
+                                   "writing there would destroy the source; choose a --dst outside the source")
+
+
 # --------------------------------------------------------------------------------------------- planning
 @dataclasses.dataclass(frozen=True)
 class Source:
@@ -253,10 +267,13 @@ def convert(src: str, dst: str | os.PathLike, *, dtype: str | None = None, resum
             overwrite: bool = False, progress: bool = True, log: Callable[[str], None] = print) -> epath.Path:
     """Convert HF checkpoint `src` (directory or repo id) to a converted dots_jax checkpoint at `dst`."""
     dst_path = converted.as_path(dst)
+    if Path(os.path.expanduser(src)).exists():  # a local source: refused before anything else is looked at
+        refuse_overlap(src, dst_path, work_dir(dst_path))
     if not check_destination(dst_path, resume, overwrite):
         log(f"{dst_path} is already a complete conversion: nothing to do")
         return dst_path
     directory = resolve(src)
+    refuse_overlap(directory, dst_path, work_dir(dst_path))  # a repo id resolves into the HF cache
     cfg = Dots1Config.from_hf(directory)
     opened, plan = plan_tensors(directory, cfg)
     check_coverage(plan, cfg, param_shapes(cfg), directory)
@@ -322,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.src, args.dst, dtype=args.dtype, resume=args.resume, overwrite=args.overwrite,
                 progress=not args.no_progress)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except Exception as e:  # huggingface_hub's errors (repo not found, offline): one line, no traceback
         if type(e).__module__.startswith("huggingface_hub"):
-            print(f"error: {args.src}: {e}", file=sys.stderr)
-            return 1
+            print(f"error: {args.src}: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
         raise
     return 0
 

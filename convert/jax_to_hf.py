@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from etils import epath  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from convert.hf_to_jax import USER_ERRORS, DestinationError, sha256  # noqa: E402
+from convert.hf_to_jax import USER_ERRORS, DestinationError, refuse_overlap, sha256  # noqa: E402
 from dots_jax import converted  # noqa: E402
 from dots_jax.checkpoint import ExportEntry, export_entries  # noqa: E402
 from dots_jax.config import Dots1Config  # noqa: E402
@@ -127,6 +127,9 @@ def tensors_in_order(root: epath.Path, manifest: dict[str, Any], cfg: Dots1Confi
 def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: int = 5 * 10**9,
            overwrite: bool = False, progress: bool = True) -> epath.Path:
     root, out = converted.as_path(src), converted.as_path(dst)
+    work = out.parent / (out.name + WORK_SUFFIX)
+    if "://" not in os.fspath(src):
+        refuse_overlap(root, out, work)
     manifest = converted.read_manifest(root)
     cfg = Dots1Config.from_hf(json.loads((root / "config.json").read_text()))
     if out.exists() and any(True for _ in out.iterdir()) and not overwrite:
@@ -136,7 +139,6 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: i
     names = shard_names(len(shards))
     shard_of = {id(p): names[i] for i, shard in enumerate(shards) for p in shard}
 
-    work = out.parent / (out.name + WORK_SUFFIX)
     if work.exists():
         work.rmtree()
     work.mkdir(parents=True)
@@ -179,11 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        export(args.src, args.dst, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-               progress=not args.no_progress)
+        out = export(args.src, args.dst, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                     progress=not args.no_progress)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    shards = [p for p in out.iterdir() if p.name.endswith(".safetensors")]
+    size = sum(p.stat().length for p in shards)
+    print(f"wrote {out}: {len(shards)} safetensors shard{'s' * (len(shards) > 1)}, {size / 2**30:.2f} GiB")
     return 0
 
 

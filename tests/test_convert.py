@@ -251,7 +251,7 @@ def test_cli_exit_code_and_one_line_error(tmp_path):
     result = subprocess.run([sys.executable, "-m", "convert.hf_to_jax", "--src", str(tmp_path / "nope"),
                              "--dst", str(tmp_path / "out")], env=_cli_env(), cwd=REPO, capture_output=True,
                             text=True, timeout=120)
-    assert result.returncode == 1 and "nope" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "nope" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -275,7 +275,7 @@ def test_repo_id_offline_is_one_error_line(tmp_path):
                              "--dst", str(tmp_path / "out")], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=120)
     lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("error: dots-jax-tests/no-such-model: ") and "HF_HUB_OFFLINE" in lines[0]
     assert not (tmp_path / "out").exists()
 
