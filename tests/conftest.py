@@ -88,6 +88,23 @@ def torch_one_thread(grad: bool = False):
         torch.set_num_threads(threads)
 
 
+# CI installs libtpu (the [test] extra) so that the ahead-of-time TPU compiles run; skipping them when it is missing
+# would let those tests vanish with the run still green. Opting out has to be explicit.
+NO_TPU_COMPILE_ENV = "DOTS_JAX_NO_TPU_COMPILE"
+
+
+def require_libtpu() -> None:
+    """Fail (not skip) a test that compiles for TPU when libtpu is missing, unless DOTS_JAX_NO_TPU_COMPILE=1."""
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        if os.environ.get(NO_TPU_COMPILE_ENV) == "1":
+            pytest.skip(f"needs libtpu; skipped because {NO_TPU_COMPILE_ENV}=1")
+        pytest.fail(f"libtpu is not installed: install the [test] extra (pip install -e '.[test]', which brings "
+                    f"jax[tpu]), or set {NO_TPU_COMPILE_ENV}=1 to skip the TPU compile tests on purpose",
+                    pytrace=False)
+
+
 def run_cli(main, argv: list[str]) -> tuple[int, str, str]:
     """A command-line main(argv) with stdout and stderr captured: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -136,13 +137,21 @@ def test_sigkill_then_resume_skips_done_units_and_matches(source, converted_dir,
     cmd = [sys.executable, "-m", "convert.hf_to_jax", "--src", str(src), "--dst", str(dst), "--no-progress"]
     proc = subprocess.Popen(cmd, env={**_cli_env(), hf_to_jax.PAUSE_ENV: "2"}, cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
+    # Reading stdout blocks until a line or EOF: a converter that never pauses (or hangs) is killed by this
+    # watchdog, which ends the read with EOF instead of hanging the suite.
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    paused = False
     try:
         for line in proc.stdout:  # the test hook: the converter stops after its 2nd unit and says so
             if "paused after 2 units" in line:
+                paused = True
                 break
         proc.send_signal(signal.SIGKILL)
     finally:
+        watchdog.cancel()
         proc.wait(timeout=60)
+    assert paused, "the converter never printed 'paused after 2 units' (killed after 120 s or exited)"
     assert proc.returncode == -signal.SIGKILL
     assert not dst.exists() and work.is_dir()
     done = list(json.loads((work / "manifest.json").read_text())["units"])

@@ -11,12 +11,16 @@ import json
 import math
 
 import pytest
+from conftest import require_libtpu
 
-pytest.importorskip("libtpu", reason="needs jax[tpu] (libtpu), from the [test] extra")
-
-from dots_jax import plan as planner  # noqa: E402
+from dots_jax import plan as planner
 
 TOPOLOGY, MESH = "v5p:4x4x4", "expert=16,fsdp=4"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _libtpu() -> None:
+    require_libtpu()
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +114,76 @@ def test_plan_table_help_runs_nothing() -> None:
     result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--resume" in result.stdout, result.stderr
     assert "fits" not in result.stderr
+
+
+# ------------------------------------------------------------------------ flops and bytes against hand arithmetic
+def hand_counts(hf: dict) -> dict[str, float]:
+    """Parameter counts written out from config.json's fields, one projection at a time (not from plan.py)."""
+    h, n, kv, d = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    layers, dense = hf["num_hidden_layers"], hf["first_k_dense_replace"]
+    moe, experts, width = layers - dense, hf["n_routed_experts"], hf["moe_intermediate_size"]
+    q, k, v, o = h * n * d, h * kv * d, h * kv * d, n * d * h
+    per_layer = q + k + v + o + d + d + h + h  # q/k/v/o, q_norm and k_norm, the two RMSNorms
+    routed = moe * experts * 3 * h * width  # gate, up, down of every routed expert
+    rest = (layers * per_layer + h  # the final norm
+            + dense * 3 * h * hf["intermediate_size"]
+            + moe * (h * experts + 3 * h * width * hf["n_shared_experts"])  # router, shared experts
+            + hf["vocab_size"] * h)  # the LM head (untied in dots.llm1); the embedding is a lookup
+    return {"routed": routed, "rest": rest, "embed": hf["vocab_size"] * h,
+            "k_over_e": hf["num_experts_per_tok"] / experts}
+
+
+@pytest.mark.parametrize("mode, batch, seq, mesh", [
+    ("decode", 64, 4096, {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}),
+    ("prefill", 8, 512, {"data": 2, "fsdp": 1, "expert": 8, "tensor": 4}),
+    ("train", 128, 128, {"data": 1, "fsdp": 8, "expert": 16, "tensor": 1}),
+])
+def test_step_flops_and_bytes_per_chip_match_hand_arithmetic(mode, batch, seq, mesh) -> None:
+    """dots.llm1.inst: 2 flops per active weight per token + attention's QK^T and PV over all `seq` slots
+    (x3 in training), and per chip the weights read (bf16; f32 master weights, read 3x, in training), the KV
+    cache's share and the optimizer's traffic, against the planner's step_arithmetic."""
+    from dots_jax.config import preset
+
+    hf = preset("dots.llm1.inst").to_hf()
+    c = hand_counts(hf)
+    # Released facts first, so that the hand counts themselves are checked: 142B total, 14B activated.
+    assert (c["routed"] + c["rest"] + c["embed"]) / 1e9 == pytest.approx(142.8, abs=0.1)
+    assert (c["routed"] * c["k_over_e"] + c["rest"] + c["embed"]) / 1e9 == pytest.approx(14.0, abs=0.1)
+
+    chips = math.prod(mesh.values())
+    tokens = batch * (1 if mode == "decode" else seq)
+    active = c["rest"] + c["routed"] * c["k_over_e"]
+    attention = 2 * 2 * hf["num_attention_heads"] * hf["head_dim"] * seq * hf["num_hidden_layers"]  # QK^T, PV
+    flops = tokens * (2 * active + attention) * (3 if mode == "train" else 1)
+    hit = 1 - (1 - c["k_over_e"]) ** tokens  # chance that an expert is chosen by at least one token
+    weight_bytes = 4 if mode == "train" else 2
+    weights = weight_bytes * (c["rest"] / mesh["tensor"] + c["routed"] * hit / mesh["expert"])
+    if mode == "train":
+        total = c["routed"] + c["rest"] + c["embed"]
+        expected_bytes = 3 * weights + total / chips * 4 * 4 * 2  # f32 params, grads, m, v; read and written
+    else:
+        kv_bytes = batch * seq * hf["num_hidden_layers"] * 2 * hf["num_key_value_heads"] * hf["head_dim"] * 2
+        expected_bytes = weights + kv_bytes / chips
+
+    a = planner.step_arithmetic(preset("dots.llm1.inst"), mode, batch, seq, mesh)
+    assert a["tokens_per_step"] == tokens
+    assert a["flops_per_step"] == pytest.approx(flops, rel=1e-9)
+    assert a["flops_per_chip"] == pytest.approx(flops / chips, rel=1e-9)
+    assert a["bytes_per_chip"] == pytest.approx(expected_bytes, rel=1e-9)
+    roof = planner.roofline(a, planner.CHIPS["v5p"])
+    # v5p's public figures: 459 TFLOP/s bf16 and 2765 GB/s HBM per chip.
+    assert roof["tokens_per_s"] == pytest.approx(tokens / max(flops / chips / 459e12, expected_bytes / 2765e9))
+
+
+def test_compiled_plan_reports_the_hand_arithmetic(decode) -> None:
+    """plan() passes its batch, seq, mode and mesh through to the arithmetic (reusing the module's compile)."""
+    from dots_jax.config import preset
+
+    c = hand_counts(preset("dots.llm1.inst").to_hf())
+    a = decode["arithmetic"]
+    active = c["rest"] + c["routed"] * c["k_over_e"]
+    assert a["flops_per_step"] == pytest.approx(64 * (2 * active + 4 * 32 * 128 * 4096 * 62), rel=1e-9)
+    weights = 2 * (c["rest"] + c["routed"] * (1 - (1 - c["k_over_e"]) ** 64) / 16)  # tensor=1, expert=16
+    assert a["bytes_per_chip"] == pytest.approx(weights + 64 * 4096 * 62 * 2 * 32 * 128 * 2 / 64, rel=1e-9)
+    assert decode["roofline"]["tokens_per_s"] == pytest.approx(
+        64 / max(a["flops_per_step"] / 64 / 459e12, a["bytes_per_chip"] / 2765e9))

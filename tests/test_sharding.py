@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_libtpu
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -367,7 +368,7 @@ def test_ragged_exchange_compiles_for_tpu():
     """"auto" picks ragged_all_to_all when lowering for TPU (on a CPU host, ahead of time): the forward and the
     gradient compile for a v5p:2x2x2 slice with XLA's ragged-all-to-all in them. This is the only check of the
     real collective: nothing here runs it (XLA:CPU lacks it)."""
-    pytest.importorskip("libtpu", reason="needs jax[tpu] (libtpu), from the [test] extra")
+    require_libtpu()
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")  # quiets libtpu's start-up probing
     from jax.experimental import topologies
 

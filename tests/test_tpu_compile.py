@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require_libtpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-pytest.importorskip("libtpu", reason="needs jax[tpu] (libtpu), from the [test] extra")
 os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")  # quiets libtpu's start-up probing
 
 from jax.experimental import topologies  # noqa: E402
@@ -31,6 +31,11 @@ from dots_jax.moe import moe_experts, route, silu  # noqa: E402
 from pallas_kernels import gmm as pallas_gmm  # noqa: E402
 
 HIDDEN, EXPERT_WIDTH, EXPERTS, TOP_K, SHARED_WIDTH = 4096, 1408, 128, 6, 2816  # dots.llm1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _libtpu() -> None:
+    require_libtpu()
 
 
 @pytest.fixture(scope="module")
