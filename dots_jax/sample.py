@@ -4,9 +4,12 @@
   python -m dots_jax.sample --model ./my-checkpoint --prompt "Once upon a time" --temperature 0.7 --top-p 0.9
   echo "Translate to French: good morning" | python -m dots_jax.sample --model ./my-checkpoint --chat --prompt -
 
-With one prompt the completion streams to stdout token by token; with several, each completion is printed at the
-end under a label. stdout carries only the generated text (special tokens left out); loading notes and the timing
-line (time to first token, tokens/s) go to stderr. Bad input prints one `error: ...` line and exits with 2.
+stdout carries each prompt followed by its completion (special tokens left out; with --chat, a line break
+between the two, as the reply is an answer rather than a continuation). On a terminal the prompt is dimmed; on a
+pipe both are plain, so stdout is exactly prompt + completion. With one prompt the completion streams token by
+token; with several, each prompt and completion is printed at the end under a `=== [i]` label. Loading notes and
+the timing line (time to first token, tokens/s) go to stderr. Bad input prints one `error: ...` line and exits
+with 2.
 
 Without --model, the embedded demo model (dots_jax/demo_model: a 4-layer, 16-expert dots1 model trained on the
 Python standard library's source, see dots_jax/demo.py) completes the --prompt given, or a Python snippet.
@@ -37,13 +40,14 @@ from dots_jax.generate import GenerateOutput, generate
 from dots_jax.grouped_matmul import BACKENDS
 from dots_jax.hf_weights import CheckpointError, resolve
 from dots_jax.padding import pad_for_mesh
-from dots_jax.sharding import PADDABLE, make_mesh
-from dots_jax.tokenizer import StreamDecoder, Tokenizer
+from dots_jax.sharding import PADDABLE, check_shardable, make_mesh
+from dots_jax.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_MAX_NEW_TOKENS = 128
 DEMO_PROMPT = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
 END_OF_RESPONSE = "<|endofresponse|>"  # where a dots1 chat turn ends (docs/dots1-reference.md)
+DIM, RESET = "\x1b[2m", "\x1b[0m"  # ANSI: the prompt, dimmed on a terminal, reads apart from the completion
 
 
 class UserError(Exception):
@@ -72,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="wrap each prompt as a user message in the checkpoint's chat template "
                              "(tokenizer_config.json or chat_template.jinja; without one, the dots1 format "
                              "<|system|>..<|endofsystem|> <|userprompt|>..<|endofuserprompt|> <|response|>, "
-                             "written without the spaces), and also stop at <|endofresponse|>")
+                             "written without the spaces, if the tokenizer has those tokens; refused otherwise), and "
+                             "also stop at <|endofresponse|>")
     parser.add_argument("--system", metavar="TEXT",
                         help="system message for --chat (default: the template's, for dots1 "
                              "'You are a helpful assistant.')")
@@ -175,6 +180,22 @@ def open_checkpoint(model: str) -> Checkpoint:
     return Checkpoint(directory, cfg, tokenizer, stops)
 
 
+def check_chat(checkpoint: Checkpoint, model: str) -> None:
+    """--chat needs a chat template, or a tokenizer that knows the dots1 chat markers (the built-in format):
+    otherwise the markers would be encoded as plain text and the model would continue garbage."""
+    tokenizer = checkpoint.tokenizer
+    markers = (*DOTS1_SYSTEM, *DOTS1_USER, *DOTS1_ASSISTANT)
+    if tokenizer.chat_template is None and any(tokenizer.token_to_id(m) is None for m in markers):
+        raise UserError(f"--chat: the model {model} has no chat template (and its tokenizer lacks the dots1 chat "
+                        "tokens): drop --chat to complete the prompt as plain text")
+
+
+def show_prompt(prompt: str, chat: bool) -> None:
+    """Print the prompt before its completion: dimmed on a terminal, plain on a pipe (stdout = prompt + text)."""
+    text = prompt + ("\n" if chat else "")
+    print(f"{DIM}{text}{RESET}" if sys.stdout.isatty() else text, end="", flush=True)
+
+
 def encode_prompts(prompts: Sequence[str], checkpoint: Checkpoint, args: argparse.Namespace,
                    max_new_tokens: int) -> list[list[int]]:
     tokenizer, context = checkpoint.tokenizer, checkpoint.cfg.max_position_embeddings
@@ -235,13 +256,24 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed)
 
 
-def run_model(args: argparse.Namespace) -> int:
+def run_model(args: argparse.Namespace, demo: bool = False) -> int:
+    # The model first: a wrong --model is the problem to report, whatever else is missing.
+    checkpoint = open_checkpoint(args.model)
+    if args.mesh is not None:
+        try:
+            check_shardable(checkpoint.cfg, args.mesh)
+        except ValueError as e:
+            raise UserError(f"--mesh: {e}") from None
+    if args.chat:
+        check_chat(checkpoint, args.model)
     prompts = read_prompts(args)
     if not prompts:
         raise UserError("--model needs at least one --prompt (use --prompt - to read it from stdin)")
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    checkpoint = open_checkpoint(args.model)
     batch = encode_prompts(prompts, checkpoint, args, max_new_tokens)
+    if demo:  # after the checks: a bad input's stderr is its one error line
+        print(f"note: no --model given: the embedded demo model ({DEMO_MODEL_DIR}), a small dots1 model trained "
+              "on the Python standard library; pass --model for a real checkpoint", file=sys.stderr)
     stops = set(checkpoint.stop_token_ids)
     if args.chat and checkpoint.tokenizer.token_to_id(END_OF_RESPONSE) is not None:
         stops.add(checkpoint.tokenizer.token_to_id(END_OF_RESPONSE))
@@ -263,6 +295,8 @@ def run_model(args: argparse.Namespace) -> int:
 
     tokenizer = checkpoint.tokenizer
     progress = Progress(StreamDecoder(tokenizer, skip_special_tokens=True) if len(batch) == 1 else None)
+    if progress.stream is not None:
+        show_prompt(prompts[0], args.chat)
     start = time.perf_counter()
     output = generate(model, batch, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stops),
                       on_tokens=progress, mesh=args.mesh, **sampling_kwargs(args))
@@ -274,6 +308,7 @@ def run_model(args: argparse.Namespace) -> int:
         for i, (prompt, tokens) in enumerate(zip(prompts, output.tokens, strict=True), 1):
             label = prompt if len(prompt) <= 60 else prompt[:57] + "..."
             print(f"=== [{i}] {label!r}")
+            show_prompt(prompt, args.chat)
             print(tokenizer.decode(tokens, skip_special_tokens=True))
     if args.show_ids:
         for i, (prompt_ids, tokens) in enumerate(zip(batch, output.tokens, strict=True), 1):
@@ -288,15 +323,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         maybe_initialize(args.distributed)  # before any other JAX call (check_args builds the mesh)
         check_args(args)
-        if args.model is None:
+        demo = args.model is None
+        if demo:
             args.model = str(DEMO_MODEL_DIR)
             args.prompt = args.prompt or [DEMO_PROMPT]
-            print(f"note: no --model given: the embedded demo model ({DEMO_MODEL_DIR}), a small dots1 model trained "
-                  "on the Python standard library; pass --model for a real checkpoint", file=sys.stderr)
         # Every process of a multi-process run generates the same text: process 0 prints it. stderr (notes,
         # errors) stays per process, so that a failure on any host shows.
         with contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(io.StringIO()):
-            return run_model(args)
+            return run_model(args, demo)
     except (UserError, CheckpointError, ConfigError, ValueError, jinja2.TemplateError) as e:
         # One line, whatever the message: the library's messages name the file, field or argument at fault.
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

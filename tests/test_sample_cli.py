@@ -64,8 +64,8 @@ def test_greedy_ids_match_transformers_generate(checkpoint, hello_run):
                                   eos_token_id=hf_tokenizer.eos_token_id, pad_token_id=hf_tokenizer.pad_token_id)
     expected = sequence[0, len(prompt_ids):].tolist()
     assert generated == expected
-    # The streamed text is the oracle tokenizer's decoding of those ids.
-    assert out.split("\n[1] prompt ids:")[0] == hf_tokenizer.decode(expected, skip_special_tokens=True)
+    # stdout is the prompt, then the streamed text: the oracle tokenizer's decoding of those ids.
+    assert out.split("\n[1] prompt ids:")[0] == PROMPT + hf_tokenizer.decode(expected, skip_special_tokens=True)
 
 
 @pytest.mark.parametrize("args, names", [
