@@ -42,6 +42,7 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dots_jax import converted  # noqa: E402
+from dots_jax.checkpoint import overlapping  # noqa: E402
 from dots_jax.config import ConfigError, Dots1Config  # noqa: E402
 from dots_jax.hf_weights import (  # noqa: E402
     CheckpointError,
@@ -78,12 +79,11 @@ def refuse_overlap(src: str | os.PathLike, dst: epath.Path, work: epath.Path) ->
     directory, and with them the source. Checked on the resolved local paths before anything is touched."""
     if "://" in os.fspath(dst):  # a remote DST cannot be a local source
         return
-    source = Path(os.path.realpath(os.path.expanduser(os.fspath(src))))
     for target in (dst, work):
-        resolved = Path(os.path.realpath(os.fspath(target)))
-        if resolved == source or source in resolved.parents or resolved in source.parents:
-            raise DestinationError(f"--dst {dst} overlaps --src {src} (resolved: {resolved} and {source}): "
-                                   "writing there would destroy the source; choose a --dst outside the source")
+        if overlapping(src, target):
+            raise DestinationError(f"--dst {dst} overlaps --src {src} (the same directory, one inside the other, "
+                                   "or a symlink to it): writing there would destroy the source; choose a --dst "
+                                   "outside the source")
 
 
 # --------------------------------------------------------------------------------------------- planning

@@ -231,9 +231,12 @@ def load_cv(expert_load: jax.Array) -> jax.Array:
 import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
@@ -252,12 +255,18 @@ python -m dots_jax.train: train or fine-tune a dots1 model on text files.
   python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny
   python -m dots_jax.train --init ./dots-checkpoint --tokenizer ./dots-checkpoint --data notes.txt --steps 50 \\
       --lr 1e-5 --out runs/ft
-  python -m dots_jax.train --data corpus/ --steps 400 --batch 8 --seq-len 128 --out runs/tiny --resume  # to 400
+  python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny \
+      --resume  # after Ctrl-C: continues exactly where it stopped
 
 Writes into --out: checkpoints/<step>/ (Orbax; the newest few are kept), metrics.jsonl (one JSON object per step,
 plus eval records), loss_curve.png and hf/ (the final model as an HF checkpoint: config.json + model.safetensors).
---resume continues from the newest checkpoint exactly as if the run had not stopped (same data order; bit for bit
-on CPU). Bad input prints one `error: ...` line and exits with 2.
+A checkpoint is saved every --save-every steps, at the end, and on Ctrl-C (SIGINT) or SIGTERM, after the step
+in progress. --resume continues from the newest checkpoint exactly as if the run had not stopped (same data order
+and learning-rate schedule; bit for bit on CPU): the settings that define the run (--steps, --batch, --lr,
+--warmup, --decay, ...) must be those it was started with. To train on past --steps, --resume --extend with a
+larger --steps lengthens the schedule's stable phase (warmup, peak and decay length stay), before the decay has
+begun; for a new schedule, start a new run from the weights: --init <out>/hf. Bad input prints one `error: ...`
+line and exits with 2.
 """
 
 _CLI_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -285,7 +294,9 @@ def _cli_parser() -> argparse.ArgumentParser:
                    help="training text: a file, a directory (its *.txt and *.py files) or a glob pattern")
     p.add_argument("--tokenizer", metavar="DIR",
                    help="directory with tokenizer.json or tokenizer.model; default: raw UTF-8 bytes as ids 0..255")
-    p.add_argument("--steps", type=int, required=True, help="total optimizer steps (with --resume: the new total)")
+    p.add_argument("--steps", type=int, required=True,
+                   help="total optimizer steps; they define the learning-rate schedule (with --resume: the run's "
+                        "--steps, or a larger one with --extend)")
     p.add_argument("--batch", type=int, default=8, help="sequences per micro-batch (default 8)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
@@ -304,7 +315,8 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval (default 8)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
                    help="the last fraction of the tokens held out for eval (default 0.05; 0 = no eval)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps, and at the end")
+    p.add_argument("--save-every", type=int, default=500,
+                   help="checkpoint every N steps (default 500); also at the end and on Ctrl-C or SIGTERM")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the data order (default 0)")
     p.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
@@ -314,7 +326,11 @@ def _cli_parser() -> argparse.ArgumentParser:
                         "expert, tensor, e.g. data=8 or fsdp=4,expert=16 (the sizes multiply to the device count; "
                         "needed with several processes); default: one device")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out, with the settings the run was started with")
+    p.add_argument("--extend", action="store_true",
+                   help="with --resume: train on to a larger --steps by lengthening the run's stable learning-rate "
+                        "phase (its warmup, peak --lr and decay length stay as saved); only before its decay began")
     p.add_argument("--distributed", action="store_true",
                    help="one of several processes (a TPU pod slice, a multi-node job): call "
                         "jax.distributed.initialize() first. Not needed where the environment says so "
@@ -332,6 +348,10 @@ def _cli_check_args(args: argparse.Namespace) -> None:
         raise CliError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.eval_fraction < 1:
         raise CliError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+    if args.extend and not args.resume:
+        raise CliError("--extend lengthens a saved run: it needs --resume")
+    # On --resume, an unset --warmup or --decay means the run's own (_cli_adopt_schedule), not a share of --steps.
+    args.schedule_given = {"warmup": args.warmup is not None, "decay": args.decay is not None}
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.decay = args.steps // 5 if args.decay is None else args.decay
     if not (args.warmup >= 0 and args.decay >= 0 and args.warmup + args.decay <= args.steps):
@@ -391,20 +411,72 @@ def _cli_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, l
     return tokens, files
 
 
-def _cli_check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig) -> None:
-    """What must not change between a run and its resumption, or the data position would mean other windows
-    (or the optimizer state another structure)."""
+def _cli_adopt_schedule(args: argparse.Namespace, meta: dict) -> None:
+    """On --resume, the run's own --warmup and --decay where none is given (a default share of a larger --steps
+    would be another schedule)."""
+    saved_tc = meta["train_config"]
+    for name, field in (("warmup", "warmup_steps"), ("decay", "decay_steps")):
+        if not args.schedule_given[name]:
+            setattr(args, name, saved_tc[field])
+
+
+def _cli_check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig, out: Path) -> None:
+    """What must not change between a run and its resumption: the data position would mean other windows, the
+    optimizer state another structure, or the learning-rate schedule (fixed by --steps, --lr, --warmup, --decay)
+    another run. Only --extend may raise --steps, and only while the schedule has not begun to decay."""
     data, saved_tc = meta["data"], meta["train_config"]
     checks = [("--data (or --tokenizer): the tokens", data["fingerprint"], fp),
               ("--seq-len", data["seq_len"], args.seq_len), ("--seed", meta["rng"]["seed"], args.seed),
               ("--eval-fraction", data["eval_fraction"], args.eval_fraction),
-              ("--grad-accum", saved_tc["grad_accum_steps"], tc.grad_accum_steps)]
+              ("--grad-accum", saved_tc["grad_accum_steps"], tc.grad_accum_steps),
+              ("--batch", data["batch"], args.batch), ("--lr", saved_tc["learning_rate"], tc.learning_rate),
+              ("--warmup", saved_tc["warmup_steps"], tc.warmup_steps),
+              ("--decay", saved_tc["decay_steps"], tc.decay_steps),
+              ("--bias-update-rate", saved_tc["bias_update_rate"], tc.bias_update_rate),
+              ("--balance-loss-coef", saved_tc["balance_loss_coef"], tc.balance_loss_coef),
+              ("--dtype", meta["dtype"], args.dtype)]
     for what, saved, now in checks:
         if saved != now:
-            raise CliError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now)")
-    if meta["step"] >= args.steps:
-        raise CliError(f"--resume: the newest checkpoint is at step {meta['step']}, so --steps {args.steps} leaves "
-                       "nothing to do; raise --steps")
+            raise CliError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now): resume "
+                           f"with the run's own setting, or start a new run from its weights with --init {out}/hf")
+    saved_steps, step = saved_tc["total_steps"], meta["step"]
+    new_run = f"start a new run from its weights with --init {out}/hf and another --out"
+    if args.steps == saved_steps:
+        return
+    if not args.extend:
+        raise CliError(f"--resume: --steps {args.steps} differs from the run's --steps {saved_steps}, which fixes "
+                       f"its learning-rate schedule: pass --steps {saved_steps} to continue the run, add --extend to "
+                       f"lengthen its stable phase to {args.steps} steps, or {new_run}")
+    decay_start = saved_steps - saved_tc["decay_steps"]
+    if args.steps < saved_steps:
+        raise CliError(f"--extend: --steps {args.steps} is below the run's --steps {saved_steps}; --extend only "
+                       "lengthens a run")
+    if step > decay_start:
+        raise CliError(f"--extend: the checkpoint (step {step}) is already in the run's decay (after step "
+                       f"{decay_start}), so its stable phase cannot be lengthened; {new_run}")
+
+
+class _StopSignals:
+    """While training: the first SIGINT (Ctrl-C) or SIGTERM is noted, and the loop saves after the step in
+    progress and stops, so that any run can be resumed exactly; a second SIGINT interrupts at once. Left
+    uninstalled off the main thread (Python delivers signals there only) and with several processes (one
+    process's signal would stop it alone, inside a collective save)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread() and jax.process_count() == 1:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._note)
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt now
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
 
 
 def _eval_ce(graphdef: nnx.GraphDef, params: nnx.State, router_bias: nnx.State, batch: Batch) -> jax.Array:
@@ -443,6 +515,10 @@ def _cli_run(args: argparse.Namespace) -> int:
 
     tune_allocator()
     out = Path(args.out).expanduser()
+    if args.init is not None and Path(args.init).expanduser().exists() and checkpoint.overlapping(args.init, out):
+        raise CliError(f"--out {args.out} overlaps --init {args.init} (the same directory, one inside the other, or "
+                       "a symlink to it): the run would write over the checkpoint it starts from; choose another "
+                       "--out")
     ckpt_dir = out / checkpoint.CHECKPOINTS
     latest = checkpoint.latest_step(ckpt_dir)
     meta = None
@@ -450,6 +526,7 @@ def _cli_run(args: argparse.Namespace) -> int:
         if latest is None:
             raise CliError(f"--resume: no checkpoint in {ckpt_dir}")
         meta = checkpoint.read_metadata(ckpt_dir, latest)
+        _cli_adopt_schedule(args, meta)
         if args.init is not None:
             print("note: --init is ignored with --resume: the weights come from the checkpoint", file=sys.stderr)
     elif latest is not None:
@@ -480,7 +557,10 @@ def _cli_run(args: argparse.Namespace) -> int:
     # The model and its training state: restored, loaded, or initialised at random.
     start = time.perf_counter()
     if meta is not None:
-        _cli_check_resume(args, meta, fp, tc)
+        _cli_check_resume(args, meta, fp, tc, out)
+        if meta["step"] >= args.steps:  # a finished run, resumed again: like the converter, nothing to do
+            print(f"{out} is complete at step {meta['step']} of {args.steps}: nothing to do")
+            return 0
         graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend)
         if args.mesh is not None:  # restored straight into the mesh's shardings (one per array, in order)
             leaves, tree = jax.tree.flatten(abstract)
@@ -550,6 +630,7 @@ def _cli_run(args: argparse.Namespace) -> int:
     saved = first_step
     bar = tqdm(total=args.steps, initial=first_step, desc="train", unit="step", file=sys.stderr)
     step = first_step
+    stop = _StopSignals()
     try:
         for step in range(first_step + 1, args.steps + 1):
             t0 = time.perf_counter()
@@ -575,14 +656,21 @@ def _cli_run(args: argparse.Namespace) -> int:
                 log({"step": step, "eval_loss": eval_loss})
                 if main_process:
                     bar.write(f"step {step}: eval loss {eval_loss:.4f}")  # to stdout, with the final summary
-            if step % args.save_every == 0 or step == args.steps:
+            if step % args.save_every == 0 or step == args.steps or stop.signum:
                 checkpoint.save(ckpt_dir, step, state, metadata(step), max_to_keep=args.keep)
                 saved = step
-    except KeyboardInterrupt:
+            if stop.signum:
+                bar.close()
+                print(f"stopped by {signal.Signals(stop.signum).name} after step {step}, saved: continue with the "
+                      "same command and --resume", file=sys.stderr)
+                return 128 + stop.signum
+    except KeyboardInterrupt:  # a second Ctrl-C, which does not wait for the step
         bar.close()
         print(f"\ninterrupted at step {step}; the newest checkpoint is step {saved}: continue with --resume",
               file=sys.stderr)
         return 130
+    finally:
+        stop.restore()
     bar.close()
     weights = (state.params, state.router_bias)
     if jax.process_count() > 1:  # every process takes part; then each holds the whole model

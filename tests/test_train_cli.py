@@ -34,7 +34,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_args(corpus: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    # Warmup 2 and no decay: the first 6 steps have the same learning rates whether --steps is 6 or 12.
+    # Warmup 2 and no decay: the first 6 steps have the same learning rates whether --steps is 6 or 12 (so
+    # --resume --extend from 6 to 12 steps is exact).
     return ["--data", str(corpus), "--steps", str(steps), "--batch", str(BATCH), "--seq-len", str(SEQ),
             "--warmup", "2", "--decay", "0", "--eval-every", "3", "--save-every", "3", "--eval-batches", "2",
             "--out", str(out), *extra]
@@ -81,7 +82,7 @@ def test_run_writes_checkpoints_metrics_curve_and_hf_model(first_run):
 def test_resume_continues_exactly(first_run, corpus: Path, tmp_path: Path):
     out, code, _, _ = first_run
     assert code == 0
-    code, _, stderr = run_main(train_args(corpus, out, 12, "--resume"))
+    code, _, stderr = run_main(train_args(corpus, out, 12, "--resume", "--extend"))
     assert code == 0, stderr
     assert "resumed from step 6" in stderr
     assert checkpoint.all_steps(out / "checkpoints") == [6, 9, 12]  # the newest 3 kept
@@ -105,7 +106,7 @@ def test_refuses_to_overwrite_or_to_resume_changed_settings(first_run, corpus: P
     code, _, err = run_main([*train_args(corpus, out, 30, "--resume"), "--seq-len", "8"])
     assert code == 2 and "--seq-len" in err
     code, _, err = run_main(train_args(corpus, out, 2, "--resume"))
-    assert code == 2 and "raise --steps" in err
+    assert code == 2 and "--steps 2 differs from the run's --steps" in err
 
 
 @pytest.mark.parametrize("change, message", [
