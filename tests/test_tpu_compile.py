@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import require_libtpu
+from conftest import NO_TPU_COMPILE_ENV, require_libtpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -36,6 +37,18 @@ HIDDEN, EXPERT_WIDTH, EXPERTS, TOP_K, SHARED_WIDTH = 4096, 1408, 128, 6, 2816  #
 @pytest.fixture(scope="module", autouse=True)
 def _libtpu() -> None:
     require_libtpu()
+
+
+def test_missing_libtpu_fails_loudly_unless_opted_out(monkeypatch) -> None:
+    """CI must not go green with the TPU compile tests skipped: without libtpu they fail, naming the [test] extra,
+    unless DOTS_JAX_NO_TPU_COMPILE=1 asks for the skip."""
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` now raises ImportError
+    monkeypatch.delenv(NO_TPU_COMPILE_ENV, raising=False)
+    with pytest.raises(pytest.fail.Exception, match=r"\[test\] extra"):
+        require_libtpu()
+    monkeypatch.setenv(NO_TPU_COMPILE_ENV, "1")
+    with pytest.raises(pytest.skip.Exception, match=NO_TPU_COMPILE_ENV):
+        require_libtpu()
 
 
 @pytest.fixture(scope="module")
