@@ -17,9 +17,10 @@ import importlib.metadata
 import importlib.util
 import os
 
-# Set on TPU VMs (and by users pointing libtpu at a slice); any of them means "a TPU may be here".
-TPU_ENV_VARS = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_SKIP_MDS_QUERY",
-                "CLOUD_TPU_TASK_ID")
+# Set on TPU VMs (and by users pointing libtpu at a slice); any of them means "a TPU may be here". Not
+# TPU_SKIP_MDS_QUERY or TPU_ML_PLATFORM: JAX sets those itself (the first exactly when it finds no TPU chip), and a
+# child of a JAX process inherits them.
+TPU_ENV_VARS = ("TPU_NAME", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "CLOUD_TPU_TASK_ID")
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips are PCI devices of this vendor (what jax's own hardware probe reads)
 
 
