@@ -17,7 +17,7 @@ from flax import nnx
 
 from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
-from dots_jax.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats, silu
+from dots_jax.moe import RouterStats, expert_parallel, moe_experts, round_to, route, routing_stats, silu
 from dots_jax.sharding import constrain, current_mesh
 
 DType = jnp.dtype | type
@@ -178,7 +178,13 @@ class MoE(nnx.Module):
         out = routed.reshape(x.shape)
         b, s = x.shape[:2]
         stats = routing_stats(logits.reshape(b, s, -1), experts.reshape(b, s, -1), token_valid)
-        return (out if self.shared_experts is None else out + self.shared_experts(x)), stats
+        return (out if self.shared_experts is None else rounded_add(out, self.shared_experts(x))), stats
+
+
+def rounded_add(x: jax.Array, y: jax.Array) -> jax.Array:
+    """x + y in x's dtype, rounded where transformers rounds (see round_to: a plain bf16 add fused into the next
+    RMSNorm's f32 upcast loses its rounding to XLA's excess precision)."""
+    return round_to(x.astype(jnp.float32) + y.astype(jnp.float32), jnp.result_type(x, y))
 
 
 class DecoderLayer(nnx.Module):
@@ -200,12 +206,12 @@ class DecoderLayer(nnx.Module):
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, RouterStats | None]:
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
-        x = x + attn
+        x = rounded_add(x, attn)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             out, stats = self.mlp(h, token_valid)
-            return x + out, kv, stats
-        return x + self.mlp(h), kv, None
+            return rounded_add(x, out), kv, stats
+        return rounded_add(x, self.mlp(h)), kv, None
 
 
 def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx.Rngs) -> DecoderLayer | None:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm, silu
+from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm, round_to, silu
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
@@ -106,7 +106,7 @@ def moe_experts(
     x [T, H] in the activation dtype; weights [T, k] f32; indices [T, k]; gate/up [E, H, I]; down [E, I, H].
     Returns sum_k weights[t, k] * expert_{indices[t, k]}(x[t]), accumulated in f32 and cast once to x.dtype.
     """
-    return local_experts(x, weights, indices, gate, up, down, first_expert=0, backend=backend).astype(x.dtype)
+    return round_to(local_experts(x, weights, indices, gate, up, down, first_expert=0, backend=backend), x.dtype)
 
 
 def local_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
@@ -142,7 +142,9 @@ def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: 
     else:
         h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
         h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
-        h = silu(h_gate) * h_up
+        # Rounded as torch rounds its bf16 product: "gather" fuses the product into its einsum, where XLA would
+        # otherwise keep it in f32 (see round_to).
+        h = round_to(silu(h_gate).astype(jnp.float32) * h_up.astype(jnp.float32), dtype)
         out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [C, H]
 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
@@ -191,7 +193,7 @@ def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: 
     # varying-axes check rejects. The gradients are checked against the single-device model in the tests.
     combined = jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
                              out_specs=tokens, check_vma=False)(x, weights, indices, gate, up, down)
-    return combined.astype(x.dtype)
+    return round_to(combined, x.dtype)
 
 
 def _ep_psum(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
