@@ -357,3 +357,10 @@ def test_every_readme_command_line_is_accepted_by_its_parser():
             parse[module](argv)  # raises on an unknown or malformed option
             checked.append(module)
     assert checked.count("dots_jax.train") == 3 and len(checked) >= 7, checked
+
+
+def test_readme_resume_line_continues_the_run_above_it():
+    """The README's "continue a stopped run" line is the run's own command plus --resume: any other --steps or
+    --batch is refused, so a line with other settings would not do what its comment says."""
+    runs = [c for c in readme_commands() if c.startswith("python -m dots_jax.train") and "runs/tiny" in c]
+    assert len(runs) == 2 and runs[1] == runs[0] + " --resume", runs
