@@ -255,7 +255,7 @@ python -m dots_jax.train: train or fine-tune a dots1 model on text files.
   python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny
   python -m dots_jax.train --init ./dots-checkpoint --tokenizer ./dots-checkpoint --data notes.txt --steps 50 \\
       --lr 1e-5 --out runs/ft
-  python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny \
+  python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny \\
       --resume  # after Ctrl-C: continues exactly where it stopped
 
 Writes into --out: checkpoints/<step>/ (Orbax; the newest few are kept), metrics.jsonl (one JSON object per step,
