@@ -509,7 +509,10 @@ def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     some row chose. For decode-sized m (a few rows per step, m <= g) that is the least memory traffic of all
     backends, and it is one batched matmul with no loop; for large m it copies m matrices: use "loop"."""
     group, valid = _row_groups(group_sizes, lhs.shape[0])
-    out = jnp.einsum("mk,mkn->mn", lhs, rhs[group], preferred_element_type=jnp.float32)
+    # The weights are gathered in f32: the gather's gradient scatter-adds one [k, n] product per row into rhs's
+    # gradient, and in bf16 each addition rounds (a bf16 d_rhs entry measured 4x off its float64 value); in f32 it
+    # is rounded once. XLA converts only the gathered rows, and a product of bf16 values is exact in f32.
+    out = jnp.einsum("mk,mkn->mn", lhs, rhs.astype(jnp.float32)[group], preferred_element_type=jnp.float32)
     return round_to(jnp.where(valid[:, None], out, 0.0), preferred_element_type)
 
 

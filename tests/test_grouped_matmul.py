@@ -102,6 +102,25 @@ def assert_close(actual, expected: np.ndarray, rtol: float, what: str) -> None:
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale, err_msg=what)
 
 
+BF16_U, F32_U = 2.0**-8, 2.0**-24  # unit roundoffs: rounding to nearest moves a value by at most this fraction
+
+
+def assert_close_bf16(actual, expected: np.ndarray, terms: np.ndarray, reduction: int, what: str) -> None:
+    """Per element, for a bf16 result of a sum of `reduction` products accumulated in f32 and rounded once:
+    |actual - expected| <= BF16_U |expected| + 2 reduction F32_U terms. expected is the float64 sum on the same
+    bf16 inputs and terms the float64 sum of the products' absolute values (the oracle run on |inputs|): the f32
+    accumulation is within reduction F32_U terms of exact in any order, and the final rounding moves it by at most
+    BF16_U of itself. No scaling by the array's maximum: a small entry must be as right as a large one."""
+    actual = np.asarray(np.asarray(actual).astype(np.float64))
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.isfinite(actual).all(), f"{what}: non-finite entries"
+    bound = BF16_U * np.abs(expected) + 2 * reduction * F32_U * terms
+    excess = np.abs(actual - expected) / np.maximum(bound, np.finfo(np.float64).tiny)
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert excess[worst] <= 1.0, (f"{what}: {excess[worst]:.2f} x the per-element bound at {worst}: "
+                                  f"{actual[worst]!r} vs {expected[worst]!r}")
+
+
 def check_against_oracle(backend: str, group_sizes: list[int], m: int, k: int = 24, n: int = 16, *,
                          jit: bool = True, tile: int | None = None, seed: int = 0) -> None:
     lhs, rhs, gs, d_out = make_inputs(group_sizes, m, k, n, seed)
@@ -201,15 +220,32 @@ def test_bf16_inputs(backend: str) -> None:
     lhs, rhs = bf16_round(lhs), bf16_round(rhs)
     out, d_lhs, d_rhs = run_backend(backend, lhs, rhs, gs, d_out)
     assert out.dtype == jnp.bfloat16 and d_lhs.dtype == jnp.bfloat16 and d_rhs.dtype == jnp.bfloat16
-    # The oracle sees the same bf16-rounded inputs, so the remaining error is the final rounding of the
-    # result to bf16 (8 significant bits: relative error up to 2^-8 ~ 0.4%), plus for the gradients the
-    # rounding of the incoming cotangent to bf16. The f32 accumulation itself adds ~1e-6. Hence 1e-2.
+    # The oracle sees the same bf16-rounded inputs and (for the gradients) the cotangent rounded to bf16 as the
+    # backward receives it, so what remains is the f32 accumulation and the one rounding to bf16.
     d_out_bf16 = bf16_round(d_out).astype(np.float64)
     expected_d_lhs, expected_d_rhs = oracle_grads(lhs, rhs, gs, d_out_bf16)
-    assert_close(out, oracle_forward(lhs, rhs, gs), 1e-2, f"{backend} bf16 output")
-    assert_close(d_lhs, expected_d_lhs, 1e-2, f"{backend} bf16 d_lhs")
-    assert_close(d_rhs, expected_d_rhs, 1e-2, f"{backend} bf16 d_rhs")
+    abs_in = [np.abs(a.astype(np.float64)) for a in (lhs, rhs)]
+    terms_d_lhs, terms_d_rhs = oracle_grads(*abs_in, gs, np.abs(d_out_bf16))
+    assert_close_bf16(out, oracle_forward(lhs, rhs, gs), oracle_forward(*abs_in, gs), k, f"{backend} bf16 output")
+    assert_close_bf16(d_lhs, expected_d_lhs, terms_d_lhs, n, f"{backend} bf16 d_lhs")
+    assert_close_bf16(d_rhs, expected_d_rhs, terms_d_rhs, m, f"{backend} bf16 d_rhs")
     assert np.all(np.asarray(out)[sum(group_sizes):] == 0)
+
+
+def test_bf16_bound_catches_bf16_partial_sums() -> None:
+    # Negative control: a kernel that keeps its partial sums in bf16 (two halves of k, each rounded, then added)
+    # fails the per-element bound, where the old 1e-2 * max|expected| bound let it through.
+    group_sizes, m, k, n = [6, 0, 13, 9], 31, 256, 16
+    lhs, rhs, gs, _ = make_inputs(group_sizes, m, k, n, seed=3)
+    lhs, rhs = (bf16_round(a).astype(np.float64) for a in (lhs, rhs))
+    half = k // 2
+    partial = [bf16_round(oracle_forward(lhs[:, part], rhs[:, part], gs)).astype(np.float64)
+               for part in (slice(0, half), slice(half, k))]
+    broken = bf16_round(partial[0] + partial[1])
+    expected = oracle_forward(lhs, rhs, gs)
+    assert_close(broken, expected, 1e-2, "bf16 partial sums under the old bound")
+    with pytest.raises(AssertionError, match="per-element bound"):
+        assert_close_bf16(broken, expected, oracle_forward(np.abs(lhs), np.abs(rhs), gs), k, "bf16 partial sums")
 
 
 @pytest.mark.parametrize("backend", BUILTIN_BACKENDS)
