@@ -310,8 +310,8 @@ def test_platform_steering_leaves_tpu_hosts_alone(monkeypatch):
     probe = ["-c", "import dots_jax, jax; print(jax.config.jax_platforms)"]
     for name in _platforms.TPU_ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    done = run_user(probe, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "cpu", done.stderr  # this machine has no TPU
+    # This machine has no TPU device (else the quiet runs above could not pass here), so jax is steered to cpu
+    # (test_good_runs_on_cpu_print_nothing_from_libtpu), unless the environment says it is a TPU host:
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")  # as on a TPU VM: JAX keeps its TPU backend
     assert _platforms.has_tpu()
     done = run_user(probe, timeout=120)
