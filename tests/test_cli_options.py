@@ -223,7 +223,8 @@ def test_balance_loss_and_its_gradient_match_numpy(checkpoint):
     last_grad = per_layer[-1][1].T / len(layers)  # ours stores the router as [H, E]; the loss is a layer mean
     ce = cross_entropy_numpy(logits, ids)
 
-    ours = dots_jax.from_pretrained(directory, dtype=jnp.float32, progress=False)
+    # "gather": the expert backend with the smallest program to compile; the loss does not depend on the backend.
+    ours = dots_jax.from_pretrained(directory, dtype=jnp.float32, moe_backend="gather", progress=False)
     graphdef, params, router_bias = nnx.split(ours, nnx.Param, RouterBias)
     batch = Batch(inputs=jnp.asarray(ids[:, :-1]), targets=jnp.asarray(ids[:, 1:]),
                   loss_mask=jnp.ones((2, 12), jnp.float32))
@@ -265,7 +266,7 @@ def test_train_init_first_loss_is_transformers_loss(checkpoint, tmp_path):
     ids = np.asarray([stream[:seq + 1], stream[seq:2 * seq + 1]])
     code, _, err = run_cli(main, ["--init", str(directory), "--tokenizer", str(directory), "--data",
                                   str(tmp_path / "data.txt"), "--steps", "1", "--batch", "2", "--seq-len", str(seq),
-                                  "--eval-fraction", "0", "--balance-loss-coef", "0.25",
+                                  "--eval-fraction", "0", "--balance-loss-coef", "0.25", "--moe-backend", "gather",
                                   "--out", str(tmp_path / "out")])
     assert code == 0, err
     first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
@@ -281,8 +282,7 @@ def test_train_init_first_loss_is_transformers_loss(checkpoint, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- convert --dtype
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_convert_dtype_writes_the_source_cast_to_it(checkpoint, tmp_path, dtype):
+def test_convert_dtype_writes_the_source_cast_to_it(checkpoint, tmp_path):
     """From the float32 checkpoint: every item written has --dtype (the router's correction bias excepted: f32
     always), and each unit holds exactly the values of its source tensors cast to it (compared as sorted
     multisets, which needs no knowledge of our layout)."""
@@ -291,7 +291,7 @@ def test_convert_dtype_writes_the_source_cast_to_it(checkpoint, tmp_path, dtype)
 
     from convert import hf_to_jax
 
-    directory = checkpoint[0]
+    directory, dtype = checkpoint[0], "bfloat16"  # float16 takes the same path (one numpy cast) and 4 s more
     code, _, err = run_cli(hf_to_jax.main, ["--src", str(directory), "--dst", str(tmp_path / "out"),
                                            "--no-progress", "--dtype", dtype])
     assert code == 0, err
