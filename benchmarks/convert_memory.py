@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 from dots_jax.config import Dots1Config  # noqa: E402
-from dots_jax.safetensors_io import save_file  # noqa: E402
+from dots_jax.weights.safetensors_io import save_file  # noqa: E402
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 GB = 10**9

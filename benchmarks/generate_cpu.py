@@ -29,7 +29,7 @@ from conftest import hf_config, hf_model, save  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
-from dots_jax.generate import generate  # noqa: E402
+from dots_jax.inference.generate import generate  # noqa: E402
 
 CONFIGS = {
     # ~90M parameters: hidden 512, 6 layers, 32 experts, top-6, 2 shared.

@@ -1,4 +1,4 @@
-"""CPU timings of the grouped-matmul backends (dots_jax.grouped_matmul), forward and forward+backward.
+"""CPU timings of the grouped-matmul backends (dots_jax.ops.gmm), forward and forward+backward.
 
     python benchmarks/gmm_cpu.py                    # default shapes, table + benchmarks/results/gmm_cpu.json
     python benchmarks/gmm_cpu.py --tile-sweep 8 16 32 64 128   # also time "loop" at these row tiles
@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
-from dots_jax.grouped_matmul import gmm, gmm_loop, loop_row_tile  # noqa: E402
+from dots_jax.ops.gmm import gmm, gmm_loop, loop_row_tile  # noqa: E402
 
 # (name, m, g, k, n, routing). m = 6 copies per token (top-6 routing) times the token count.
 # "balanced": group sizes drawn multinomially with equal probabilities; "skewed": Zipf-like probabilities,

@@ -48,9 +48,10 @@ from flax import nnx  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
-from dots_jax import train  # noqa: E402
-from dots_jax.cpu_tuning import tune_allocator  # noqa: E402
-from dots_jax.model import NO_WINDOW, make_attention_mask, rope_tables  # noqa: E402
+from dots_jax import training as train  # noqa: E402
+from dots_jax.model.modeling import NO_WINDOW, make_attention_mask, rope_tables  # noqa: E402
+from dots_jax.ops.head_loss import head_nll  # noqa: E402
+from dots_jax.parallel.cpu_tuning import tune_allocator  # noqa: E402
 
 CONFIGS = {
     # The shape of configs/demo.json (~9M parameters): hidden 256, 4 layers (1 dense), 16 experts top-2, 1 shared.
@@ -209,7 +210,7 @@ class Ours:
 
         def head_loss(params, x, targets, loss_mask):  # as train.loss_fn: the final norm, then the fused head loss
             h = nnx.merge(norm_gd, params["norm"])(x)
-            nll = train.head_nll(h.reshape(-1, h.shape[-1]), params["lm_head"], targets.reshape(-1))
+            nll = head_nll(h.reshape(-1, h.shape[-1]), params["lm_head"], targets.reshape(-1))
             return (nll.reshape(targets.shape) * loss_mask).sum() / loss_mask.sum()
 
         head_grad = jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1)))

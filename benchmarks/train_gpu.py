@@ -36,7 +36,7 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 from train_cpu import CLIP, COMMON, CONFIGS, interleaved, next_token_batch, reference_train_config, torch_adamw  # noqa: E402
 
 import dots_jax  # noqa: E402
-from dots_jax import train  # noqa: E402
+from dots_jax import training as train  # noqa: E402
 
 GPU_CONFIGS = {
     **CONFIGS,

@@ -6,7 +6,7 @@ The whole checkpoint is checked first against hf_weights.KEY_TABLE and config.js
 shapes, every parameter slot filled exactly once) from the safetensors headers alone; then it is converted unit
 by unit ("top", then each decoder layer), parameter by parameter: the tensors of one parameter are read, put in
 our layout (experts stacked to [E, in, out]) and written as one Orbax item, and the memory is freed. Peak memory
-is about one parameter (plus Orbax's write buffers), not a shard and not the model. See dots_jax/converted.py
+is about one parameter (plus Orbax's write buffers), not a shard and not the model. See dots_jax/weights/converted.py
 for the layout and the manifest.
 
 Everything is written under <DST>.tmp-hf_to_jax and renamed to DST when complete, so DST never holds half a
@@ -41,10 +41,11 @@ from etils import epath  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from dots_jax import converted  # noqa: E402
-from dots_jax.checkpoint import overlapping  # noqa: E402
 from dots_jax.config import ConfigError, Dots1Config  # noqa: E402
-from dots_jax.hf_weights import (  # noqa: E402
+from dots_jax.model.modeling import Dots1ForCausalLM  # noqa: E402
+from dots_jax.training.checkpoint import overlapping  # noqa: E402
+from dots_jax.weights import converted  # noqa: E402
+from dots_jax.weights.hf import (  # noqa: E402
     CheckpointError,
     Plan,
     Rule,
@@ -53,8 +54,7 @@ from dots_jax.hf_weights import (  # noqa: E402
     plan_tensors,
     resolve,
 )
-from dots_jax.model import Dots1ForCausalLM  # noqa: E402
-from dots_jax.safetensors_io import SafetensorsError, SafetensorsFile  # noqa: E402
+from dots_jax.weights.safetensors_io import SafetensorsError, SafetensorsFile  # noqa: E402
 
 PAUSE_ENV = "DOTS_JAX_CONVERT_PAUSE_AFTER_UNITS"
 WORK_SUFFIX = ".tmp-hf_to_jax"

@@ -29,11 +29,11 @@ from etils import epath  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from convert.hf_to_jax import USER_ERRORS, DestinationError, refuse_overlap, sha256  # noqa: E402
-from dots_jax import converted  # noqa: E402
-from dots_jax.checkpoint import ExportEntry, export_entries  # noqa: E402
 from dots_jax.config import Dots1Config  # noqa: E402
-from dots_jax.hf_weights import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
-from dots_jax.safetensors_io import save_file  # noqa: E402
+from dots_jax.training.checkpoint import ExportEntry, export_entries  # noqa: E402
+from dots_jax.weights import converted  # noqa: E402
+from dots_jax.weights.hf import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
+from dots_jax.weights.safetensors_io import save_file  # noqa: E402
 
 WORK_SUFFIX = ".tmp-jax_to_hf"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}

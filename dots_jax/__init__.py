@@ -1,12 +1,18 @@
-"""dots_jax: dots.llm1 (Rednote's MoE LLM) in JAX / Flax NNX."""
+"""dots_jax: dots.llm1 (Rednote's MoE LLM) in JAX / Flax NNX.
 
-from dots_jax import _platforms
+The public API: Dots1Config, Dots1ForCausalLM, from_pretrained, generate, Tokenizer. The rooms (model, ops,
+weights, inference, training, parallel) are described in docs/architecture.md.
+"""
 
-_platforms.steer()  # first, before anything creates a JAX backend: no libtpu probing on a machine without a TPU
+# First, before anything creates a JAX backend: importing it keeps libtpu from probing for a TPU on a machine
+# without one (see the module).
+from dots_jax.parallel import platforms as platforms  # isort: skip
+from dots_jax.config import ConfigError, Dots1Config
+from dots_jax.inference.generate import generate
+from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.weights.converted import from_pretrained
+from dots_jax.weights.hf import CheckpointError
 
-from dots_jax.config import ConfigError, Dots1Config  # noqa: E402
-from dots_jax.converted import from_pretrained  # noqa: E402
-from dots_jax.hf_weights import CheckpointError  # noqa: E402
-from dots_jax.model import Dots1ForCausalLM  # noqa: E402
-
-__all__ = ["CheckpointError", "ConfigError", "Dots1Config", "Dots1ForCausalLM", "from_pretrained"]
+__all__ = ["CheckpointError", "ConfigError", "Dots1Config", "Dots1ForCausalLM", "Tokenizer", "from_pretrained",
+           "generate"]

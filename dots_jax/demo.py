@@ -58,7 +58,7 @@ def to_bfloat16(directory: Path) -> None:
     import ml_dtypes
     import numpy as np
 
-    from dots_jax.safetensors_io import SafetensorsFile, save_file
+    from dots_jax.weights.safetensors_io import SafetensorsFile, save_file
 
     path = directory / "model.safetensors"
     source = SafetensorsFile(path)
@@ -83,9 +83,9 @@ def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch:
     import jax.numpy as jnp
     import numpy as np
 
-    from dots_jax.data import load_tokens, num_windows, split_eval
-    from dots_jax.hf_weights import from_pretrained
-    from dots_jax.tokenizer import Tokenizer as DotsTokenizer
+    from dots_jax.inference.tokenizer import Tokenizer as DotsTokenizer
+    from dots_jax.training.data import load_tokens, num_windows, split_eval
+    from dots_jax.weights.hf import from_pretrained
 
     tokens = load_tokens(stdlib_glob(), DotsTokenizer.from_dir(model_dir))
     train_tokens, held = split_eval(tokens, EVAL_FRACTION, seq_len)

@@ -4,7 +4,7 @@
 
 Runs on a CPU machine with libtpu installed (the [tpu] or [test] extra): the TPU topology is described by
 jax.experimental.topologies, every array is a ShapeDtypeStruct carrying the sharding the real run would use
-(dots_jax.sharding's table), and `.compile()` runs the real TPU compiler, Pallas/Mosaic MoE kernels included.
+(dots_jax.parallel.sharding's table), and `.compile()` runs the real TPU compiler, Pallas/Mosaic MoE kernels included.
 Nothing is allocated and nothing runs on a TPU.
 
 Reported per chip: memory from the compiler (`memory_analysis`: arguments, outputs, temporaries; weights and
@@ -198,9 +198,9 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from dots_jax.cache import KVCache
-    from dots_jax.model import Dots1ForCausalLM
-    from dots_jax.sharding import batch_axes, cache_shardings, param_shardings
+    from dots_jax.model.cache import KVCache
+    from dots_jax.model.modeling import Dots1ForCausalLM
+    from dots_jax.parallel.sharding import batch_axes, cache_shardings, param_shardings
 
     rows = NamedSharding(mesh, P(batch_axes(batch, mesh), None))
 
@@ -208,8 +208,9 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     if mode == "train":
-        from dots_jax.checkpoint import abstract_train_state
-        from dots_jax.train import Batch, TrainConfig, train_step
+        from dots_jax.training.checkpoint import abstract_train_state
+        from dots_jax.training.data import Batch
+        from dots_jax.training.step import TrainConfig, train_step
 
         tc = TrainConfig()
         graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas")
@@ -277,7 +278,7 @@ def _split_physical_mesh(mesh_spec: str, devices):
     from jax.experimental import mesh_utils
     from jax.sharding import AxisType, Mesh
 
-    from dots_jax.sharding import MESH_AXES, parse_mesh_spec
+    from dots_jax.parallel.sharding import MESH_AXES, parse_mesh_spec
 
     sizes = parse_mesh_spec(mesh_spec)
     grid = mesh_utils.create_device_mesh(tuple(sizes[a] for a in MESH_AXES), devices,
@@ -300,7 +301,7 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     from jax.experimental import topologies
 
     from dots_jax.config import Dots1Config, preset
-    from dots_jax.sharding import check_shardable, make_mesh, parse_mesh_spec
+    from dots_jax.parallel.sharding import check_shardable, make_mesh, parse_mesh_spec
 
     if isinstance(config, Dots1Config):
         cfg, config = config, "custom config"

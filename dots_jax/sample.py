@@ -33,15 +33,15 @@ import jinja2
 import numpy as np
 
 from dots_jax.config import ConfigError, Dots1Config
-from dots_jax.converted import from_pretrained  # HF directories, repo ids and converted checkpoints
 from dots_jax.demo import DEMO_MODEL_DIR
-from dots_jax.distributed import is_main_process, maybe_initialize
-from dots_jax.generate import GenerateOutput, generate
-from dots_jax.grouped_matmul import BACKENDS
-from dots_jax.hf_weights import CheckpointError, resolve
-from dots_jax.padding import pad_for_mesh
-from dots_jax.sharding import PADDABLE, check_shardable, make_mesh
-from dots_jax.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
+from dots_jax.inference.generate import GenerateOutput, generate
+from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
+from dots_jax.ops.gmm import BACKENDS
+from dots_jax.parallel.distributed import is_main_process, maybe_initialize
+from dots_jax.parallel.padding import pad_for_mesh
+from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
+from dots_jax.weights.converted import from_pretrained  # HF directories, repo ids and converted checkpoints
+from dots_jax.weights.hf import CheckpointError, resolve
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the weights and activations (default float32)")
     parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
                         help="grouped-matmul implementation of the routed experts; auto (default) lets "
-                             "dots_jax.grouped_matmul choose for the device")
+                             "dots_jax.ops.gmm choose for the device")
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
                              "e.g. expert=8 or fsdp=4,expert=16 (the sizes must multiply to the device count); "

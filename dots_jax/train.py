@@ -1,253 +1,45 @@
-"""Training and fine-tuning: next-token loss, AdamW with warmup-stable-decay, and MoE load balancing.
-
-The paper's recipe (arXiv 2506.05767): AdamW (0.9, 0.95), weight decay 0.1, gradient clip 1.0, a
-warmup-stable-decay schedule; auxiliary-loss-free balancing (each MoE layer's e_score_correction_bias is nudged
-up for under-loaded experts and down for over-loaded ones after every step) plus a small sequence-wise balance loss.
-bf16 compute with f32 master weights is a model built with dtype=bfloat16, param_dtype=float32.
-"""
+"""`python -m dots_jax.train`: the training loop around dots_jax.training's train step (see CLI_USAGE)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
-from dots_jax.model import Dots1ForCausalLM, RouterBias, random_model
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    learning_rate: float = 3e-4
-    total_steps: int = 1000
-    warmup_steps: int = 100
-    decay_steps: int = 200  # the last decay_steps decay linearly to min_lr_ratio * learning_rate
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    balance_loss_coef: float = 1e-4  # the sequence-wise balance loss weight ("small" in the paper)
-    bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step; 0 switches it off
-    grad_accum_steps: int = 1
-
-    def __post_init__(self) -> None:
-        def need(cond: bool, field: str, what: str) -> None:
-            if not cond:
-                raise ValueError(f"TrainConfig.{field} must be {what}, got {getattr(self, field)!r}")
-
-        need(self.learning_rate > 0, "learning_rate", "> 0")
-        need(self.total_steps >= 1, "total_steps", ">= 1")
-        need(0 <= self.warmup_steps and 0 <= self.decay_steps, "warmup_steps", ">= 0 (and decay_steps too)")
-        need(self.warmup_steps + self.decay_steps <= self.total_steps, "decay_steps",
-             "such that warmup_steps + decay_steps <= total_steps")
-        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "in [0, 1]")
-        need(self.grad_clip > 0, "grad_clip", "> 0")
-        need(self.balance_loss_coef >= 0 and self.bias_update_rate >= 0, "bias_update_rate",
-             ">= 0 (and balance_loss_coef too)")
-        need(self.grad_accum_steps >= 1, "grad_accum_steps", ">= 1")
-
-
-def wsd_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warmup from 0, constant, then linear decay to min_lr_ratio * peak over the last decay_steps."""
-    peak, stable = tc.learning_rate, tc.total_steps - tc.warmup_steps - tc.decay_steps
-    return optax.join_schedules([
-        optax.linear_schedule(0.0, peak, max(tc.warmup_steps, 1)),
-        optax.constant_schedule(peak),
-        optax.linear_schedule(peak, peak * tc.min_lr_ratio, max(tc.decay_steps, 1)),
-    ], boundaries=[tc.warmup_steps, tc.warmup_steps + stable])
-
-
-LAYER_STACKS = ("dense_layers", "moe_layers")  # their parameters carry a leading "layers" axis
-
-
-def weight_decay_mask(params: nnx.State) -> nnx.State:
-    """True for the matrices AdamW decays; False for norm weights and biases, which are 1-D per layer (a
-    stacked norm is [layers, dim], a q/k/v bias [layers, heads, head_dim]: ndim alone would decay them)."""
-    def decays(path: tuple, p: jax.Array) -> bool:
-        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        stacked = int(bool(keys) and keys[0] in LAYER_STACKS)
-        name = next((k for k in reversed(keys) if isinstance(k, str) and k != "value"), "")
-        return p.ndim - stacked >= 2 and not name.endswith("bias")
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
-
-def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Clip, then AdamW; norms and biases (1-D per layer) are not decayed. With grad_accum_steps > 1 the update
-    applies every that many micro-steps, on the mean gradient."""
-    opt = optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(wsd_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
-                    mask=weight_decay_mask),
-    )
-    return optax.MultiSteps(opt, every_k_schedule=tc.grad_accum_steps) if tc.grad_accum_steps > 1 else opt
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Batch:
-    inputs: jax.Array  # [B, S] int32
-    targets: jax.Array  # [B, S] int32: the next token of each input position
-    loss_mask: jax.Array  # [B, S]: 1 where the target counts (0 for padding, prompts in SFT, ...)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class TrainState:
-    params: nnx.State  # the nnx.Param leaves (f32 master weights)
-    router_bias: nnx.State  # the RouterBias leaves: changed by the balancing rule, never by gradients
-    opt_state: optax.OptState
-    step: jax.Array  # int32 scalar: micro-steps taken
-    # [L, E] expert load summed over the micro-steps of the current optimizer step: the balancing update uses
-    # the whole step's load, once per optimizer step, as the paper does.
-    expert_load_sum: jax.Array
-
-
-def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
-    opt_state = make_optimizer(tc).init(params)
-    cfg = model.cfg
-    load_shape = (cfg.num_moe_layers, cfg.n_routed_experts) if cfg.num_moe_layers else (0, 0)
-    return graphdef, TrainState(params, router_bias, opt_state, jnp.zeros((), jnp.int32),
-                                jnp.zeros(load_shape, jnp.float32))
-
-
-def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target] per position, in f32: logits [..., V], targets [...] int -> [...].
-
-    Written as logsumexp minus the target's logit picked by a compare against an iota, not log_softmax then
-    take_along_axis: the gradient of that gather is a scatter into a zero-filled [..., V] array, which on XLA:CPU
-    cost as much as the LM head's matmuls (fills and scatters of the largest activation of the step); this way
-    the gradient, softmax - one_hot, is one elementwise pass.
-    """
-    logits = logits.astype(jnp.float32)
-    return jax.nn.logsumexp(logits, axis=-1) - _pick(logits, targets)
-
-
-@jax.custom_vjp
-def head_nll(x: jax.Array, head: jax.Array, targets: jax.Array) -> jax.Array:
-    """token_nll(x @ head, targets): x [N, H], head [H, V] (one dtype), targets [N] int -> f32 [N].
-
-    The LM head and its cross-entropy as one differentiable unit with a hand-written backward: autodiff laid
-    out d_logits transposed for the weight gradient and ran both backward products as transposed-operand dots,
-    which on XLA:CPU took as long as the whole reference head. Here d_logits = softmax - one_hot is formed once
-    in [N, V], d_x = d_logits @ head^T, and d_head = x^T @ d_logits with x^T (small) materialised first: plain
-    matrix products (measured about 2x faster for the weight gradient than the transposed-operand form)."""
-    return _head_nll_fwd(x, head, targets)[0]
-
-
-def _head_nll_fwd(x: jax.Array, head: jax.Array, targets: jax.Array
-                  ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    logits = x @ head
-    logits32 = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits32, axis=-1)
-    # A gather is fine here (no autodiff runs through this forward), and cheaper than token_nll's [N, V] select.
-    target_logit = jnp.take_along_axis(logits32, targets[:, None].astype(jnp.int32), axis=-1)[:, 0]
-    return lse - target_logit, (x, head, logits, lse, targets)
-
-
-def _head_nll_bwd(residuals: tuple[jax.Array, ...], d_nll: jax.Array) -> tuple[jax.Array, jax.Array, None]:
-    x, head, logits, lse, targets = residuals
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-    d_logits = ((probs - (vocab == targets[..., None].astype(jnp.int32))) * d_nll[..., None]).astype(logits.dtype)
-    d_x = d_logits @ head.T
-    # The barrier keeps x^T a materialised row-major array: fused into the dot, XLA:CPU contracts over the
-    # leading dimension of both operands, a slow layout for its GEMM.
-    d_head = jax.lax.optimization_barrier(x.T) @ d_logits
-    return d_x.astype(x.dtype), d_head.astype(head.dtype), None
-
-
-def _pick(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    return jnp.where(vocab == targets[..., None].astype(jnp.int32), logits, 0.0).sum(axis=-1)
-
-
-head_nll.defvjp(_head_nll_fwd, _head_nll_bwd)
-
-
-def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-            balance_loss_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss."""
-    model = nnx.merge(graphdef, params, router_bias)
-    x, _, stats = model.hidden_states(batch.inputs)
-    head = model.head_weight()
-    # A padded model (dots_jax.padding) has extra vocabulary columns, zeros whose logits must not enter the loss.
-    head = head[:, :getattr(model, "unpadded_cfg", model.cfg).vocab_size]
-    mask = batch.loss_mask.astype(jnp.float32)
-    nll = head_nll(x.reshape(-1, x.shape[-1]), head, batch.targets.reshape(-1)).reshape(batch.targets.shape)
-    ce = (nll * mask).sum() / jnp.maximum(mask.sum(), 1.0)
-    if stats is None:  # a model without MoE layers
-        return ce, {"ce": ce, "balance_loss": jnp.zeros(()), "expert_load": jnp.zeros((0, 0))}
-    balance = stats.balance_loss.mean()
-    return ce + balance_loss_coef * balance, {"ce": ce, "balance_loss": balance, "expert_load": stats.expert_load}
-
-
-def update_router_bias(router_bias: nnx.State, expert_load: jax.Array, rate: float) -> nnx.State:
-    """Auxiliary-loss-free balancing: bias += rate * sign(mean load - load), per MoE layer ([L, E])."""
-    step = (rate * jnp.sign(expert_load.mean(axis=-1, keepdims=True) - expert_load)).astype(jnp.float32)
-    return jax.tree.map(lambda bias: bias + step, router_bias)  # the one leaf: moe_layers' [L, E] bias
-
-
-def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch: Batch
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One (micro-)step: gradients, AdamW update, balancing update. Pure; jit it with graphdef and tc static.
-
-    Sharded: place the state with `dots_jax.sharding.shard_state(state, mesh)` and call the step inside
-    `with jax.set_mesh(mesh):` (the model reads the mesh there: activation constraints, expert parallelism)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef)
-    updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    router_bias = state.router_bias
-    load_sum = state.expert_load_sum + aux["expert_load"]
-    last_micro_step = (state.step + 1) % tc.grad_accum_steps == 0  # the optimizer applies its update now
-    if tc.bias_update_rate > 0 and load_sum.size:
-        updated = update_router_bias(router_bias, load_sum, tc.bias_update_rate)
-        router_bias = jax.tree.map(lambda new, old: jnp.where(last_micro_step, new, old), updated, router_bias)
-    load_sum = jnp.where(last_micro_step, 0.0, load_sum)
-    metrics = {"loss": loss, "ce": aux["ce"], "balance_loss": aux["balance_loss"],
-               "grad_norm": optax.tree.norm(grads), "expert_load": aux["expert_load"],
-               "learning_rate": wsd_schedule(tc)(state.step // tc.grad_accum_steps)}
-    return TrainState(params, router_bias, opt_state, state.step + 1, load_sum), metrics
-
-
-jit_train_step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
-
-
-def load_cv(expert_load: jax.Array) -> jax.Array:
-    """Coefficient of variation of each MoE layer's expert load ([L, E] -> [L]): 0 is perfectly balanced."""
-    mean = expert_load.mean(axis=-1)
-    return expert_load.std(axis=-1) / jnp.maximum(mean, 1e-9)
-
-
-# ================================================================================================ command line
-# `python -m dots_jax.train`: the training loop around train_step. The CLI's standard imports sit here, with the
-# CLI; dots_jax.checkpoint and dots_jax.data are imported inside the functions, as they import this module.
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import signal  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from dots_jax.config import ConfigError, Dots1Config, preset  # noqa: E402
-from dots_jax.distributed import is_main_process, maybe_initialize  # noqa: E402
-from dots_jax.grouped_matmul import BACKENDS  # noqa: E402
-from dots_jax.hf_weights import CheckpointError, from_pretrained, resolve  # noqa: E402
-from dots_jax.sharding import check_shardable, make_mesh, param_shardings, shard_state  # noqa: E402
-from dots_jax.tokenizer import Tokenizer  # noqa: E402
+from dots_jax.config import ConfigError, Dots1Config, preset
+from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.model.modeling import random_model
+from dots_jax.ops.gmm import BACKENDS
+from dots_jax.parallel.cpu_tuning import tune_allocator
+from dots_jax.parallel.distributed import is_main_process, maybe_initialize
+from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state
+from dots_jax.training import checkpoint
+from dots_jax.training.data import (
+    BYTE_VOCAB,
+    Batch,
+    DataError,
+    TokenStream,
+    eval_batches,
+    fingerprint,
+    load_tokens,
+    split_eval,
+)
+from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
+from dots_jax.weights.hf import CheckpointError, from_pretrained, resolve
 
 CLI_USAGE = """\
 python -m dots_jax.train: train or fine-tune a dots1 model on text files.
@@ -391,8 +183,6 @@ def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dot
 
 def _cli_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, list[Path]]:
     """(all tokens of --data, the tokenizer's files to ship with the exported model)."""
-    from dots_jax.data import BYTE_VOCAB, load_tokens
-
     tokenizer, files = None, []
     if args.tokenizer is not None:
         try:
@@ -509,9 +299,6 @@ def _cli_plot(records: list[dict], path: Path) -> None:
 
 
 def _cli_run(args: argparse.Namespace) -> int:
-    from dots_jax import checkpoint
-    from dots_jax.cpu_tuning import tune_allocator
-    from dots_jax.data import TokenStream, eval_batches, fingerprint, split_eval
 
     tune_allocator()
     out = Path(args.out).expanduser()
@@ -691,7 +478,6 @@ def _cli_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dots_jax.train ...`; returns the exit code (2 for bad input, with one `error:` line)."""
-    from dots_jax.data import DataError
 
     try:
         args = _cli_parser().parse_args(argv)
@@ -708,8 +494,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the main() of the imported module, not of this __main__ copy: dots_jax.checkpoint and dots_jax.data
-    # import dots_jax.train, and two copies of TrainState would be two different pytree types.
-    from dots_jax.train import main as _main
-
-    raise SystemExit(_main())
+    sys.exit(main())

@@ -18,8 +18,8 @@ import transformers
 from conftest import random_ids, torch_one_thread
 
 import dots_jax
-from dots_jax import grouped_matmul
-from dots_jax import moe as moe_module
+from dots_jax.model import moe as moe_module
+from dots_jax.ops import gmm as grouped_matmul
 
 BACKENDS = ["loop", "gather", "dense", "ragged_dot"]
 BATCH, SEQ = 2, 16

@@ -26,10 +26,10 @@ from conftest import hf_config, hf_model, random_ids, save, torch_one_thread
 from flax import nnx
 
 import dots_jax
-from dots_jax import model as model_module
-from dots_jax import moe as moe_module
-from dots_jax.grouped_matmul import default_backend
-from dots_jax.model import make_attention_mask, rope_tables
+from dots_jax.model import modeling as model_module
+from dots_jax.model import moe as moe_module
+from dots_jax.model.modeling import make_attention_mask, rope_tables
+from dots_jax.ops.gmm import default_backend
 
 # The released model's ratios at tiny size (test_parity's released_like): top-6 of 16 experts, two shared
 # experts, scaling 2.5, theta 1e7, a random correction bias.

@@ -20,12 +20,13 @@ import transformers
 from conftest import hf_config, hf_model, random_ids, save, torch_one_thread
 from flax import nnx
 
-from dots_jax import checkpoint, from_pretrained
+from dots_jax import from_pretrained
 from dots_jax.config import preset
-from dots_jax.data import TokenStream
-from dots_jax.model import Dots1ForCausalLM, RouterBias
-from dots_jax.safetensors_io import SafetensorsFile
-from dots_jax.train import TrainConfig, TrainState, init_state, jit_train_step
+from dots_jax.model.modeling import Dots1ForCausalLM, RouterBias
+from dots_jax.training import checkpoint
+from dots_jax.training.data import TokenStream
+from dots_jax.training.step import TrainConfig, TrainState, init_state, jit_train_step
+from dots_jax.weights.safetensors_io import SafetensorsFile
 
 N = 3  # steps before and after the interruption
 CFG = preset("tiny")

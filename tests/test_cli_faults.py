@@ -23,9 +23,10 @@ import pytest
 from conftest import run_cli
 
 from convert import hf_to_jax, jax_to_hf
-from dots_jax import checkpoint, train
+from dots_jax import train, training
 from dots_jax.demo import DEMO_MODEL_DIR
 from dots_jax.sample import main as sample_main
+from dots_jax.training import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 LIBTPU_MARKERS = ("host bounds", "TPU_WORKER_HOSTNAMES", "E0000", "Source Location Trace", "InitGoogle", "libtpu")
@@ -155,7 +156,7 @@ def straight_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_saves_the_step_and_resume_is_exact(signum, straight_run, corpus, tmp_path, monkeypatch):
-    real_step, calls = train.jit_train_step, []
+    real_step, calls = training.jit_train_step, []
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -176,7 +177,7 @@ def test_a_signal_saves_the_step_and_resume_is_exact(signum, straight_run, corpu
     code, _, err = run_cli(train.main, train_argv(corpus, out, "--resume"))
     assert code == 0, err
     # The learning rate of every step, 5 on included, is the original schedule's (10 steps: warmup 1, decay 2).
-    schedule = train.wsd_schedule(train.TrainConfig(total_steps=STEPS, warmup_steps=1, decay_steps=2))
+    schedule = training.wsd_schedule(training.TrainConfig(total_steps=STEPS, warmup_steps=1, decay_steps=2))
     assert learning_rates(out) == learning_rates(straight_run)
     assert learning_rates(out) == pytest.approx([float(schedule(t)) for t in range(STEPS)], rel=1e-6)
     assert (out / "hf" / "model.safetensors").read_bytes() == (straight_run / "hf" / "model.safetensors").read_bytes()
@@ -305,7 +306,7 @@ def test_good_runs_on_cpu_print_nothing_from_libtpu(tmp_path):
 
 
 def test_platform_steering_leaves_tpu_hosts_alone(monkeypatch):
-    from dots_jax import _platforms
+    from dots_jax.parallel import platforms as _platforms
 
     probe = ["-c", "import dots_jax, jax; print(jax.config.jax_platforms)"]
     for name in _platforms.TPU_ENV_VARS:
@@ -320,7 +321,7 @@ def test_platform_steering_leaves_tpu_hosts_alone(monkeypatch):
 
 # -------------------------------------------------------------------------- 9. README says what holds
 def test_round_trip_is_identical_in_tensors_not_in_files(converted_demo, tmp_path):
-    from dots_jax.safetensors_io import SafetensorsFile
+    from dots_jax.weights.safetensors_io import SafetensorsFile
 
     code, out, err = run_cli(jax_to_hf.main, ["--src", str(converted_demo), "--dst", str(tmp_path / "hf"),
                                               "--no-progress"])

@@ -30,10 +30,11 @@ from test_sampling import allowed
 from test_tokenizer import save_bpe_tokenizer
 
 import dots_jax
-from dots_jax import generate as gen
 from dots_jax import sample as sample_cli
-from dots_jax.model import RouterBias
-from dots_jax.train import Batch, loss_fn
+from dots_jax.inference import generate as gen
+from dots_jax.model.modeling import RouterBias
+from dots_jax.training.data import Batch
+from dots_jax.training.step import loss_fn
 
 PROMPT = "hello world"
 NEW = 16
@@ -182,7 +183,7 @@ def router_inputs(ref: transformers.Dots1ForCausalLM, ids: np.ndarray) -> tuple[
 
 
 def balance_numpy(x: np.ndarray, weight: np.ndarray, indices: np.ndarray, top_k: int) -> tuple[float, np.ndarray]:
-    """The sequence-wise balance loss (DeepSeek-V3 / dots.llm1, as dots_jax.moe documents it) of one layer and
+    """The sequence-wise balance loss (DeepSeek-V3 / dots.llm1, as dots_jax.model.moe documents it) of one layer and
     its gradient with respect to the router weight [E, H], in float64.
 
     Per sequence of T tokens: f_i = E / (k T) * (tokens choosing expert i), a constant; P_i = mean over tokens

@@ -14,7 +14,7 @@ from flax import nnx
 import dots_jax
 from dots_jax import ConfigError, Dots1Config
 from dots_jax.config import CONFIGS_DIR, FULL_ATTENTION, SLIDING_ATTENTION, preset
-from dots_jax.model import RouterBias
+from dots_jax.model.modeling import RouterBias
 
 REQUIRED = {"model_type": "dots1", "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1}
 

@@ -26,8 +26,8 @@ from flax import nnx
 
 import dots_jax
 from convert import hf_to_jax, jax_to_hf
-from dots_jax import converted
-from dots_jax.safetensors_io import SafetensorsFile
+from dots_jax.weights import converted
+from dots_jax.weights.safetensors_io import SafetensorsFile
 
 REPO = Path(__file__).resolve().parents[1]
 INDEX = "model.safetensors.index.json"
@@ -295,7 +295,7 @@ SHARDED = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     import dots_jax
-    from dots_jax.sharding import make_mesh, param_shardings
+    from dots_jax.parallel.sharding import make_mesh, param_shardings
 
     path = sys.argv[1]
     assert jax.device_count() == 8

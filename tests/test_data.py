@@ -12,8 +12,16 @@ import pytest
 import transformers
 from test_tokenizer import save_bpe_tokenizer
 
-from dots_jax.data import BYTE_SEPARATOR, DataError, TokenStream, eval_batches, find_files, load_tokens, split_eval
-from dots_jax.tokenizer import Tokenizer
+from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.training.data import (
+    BYTE_SEPARATOR,
+    DataError,
+    TokenStream,
+    eval_batches,
+    find_files,
+    load_tokens,
+    split_eval,
+)
 
 TEXTS = {"b.txt": "second file, with ünïcode\n", "a.txt": "first file\n", "sub/c.py": "print('third')\n"}
 

@@ -17,7 +17,7 @@ import jax
 import pytest
 from conftest import run_cli
 
-from dots_jax import distributed
+from dots_jax.parallel import distributed
 
 SINGLE_PROCESS_ENVIRONMENTS = [
     {},
@@ -72,7 +72,7 @@ def test_clis_initialize_before_touching_jax(module, monkeypatch):
     code = textwrap.dedent(f"""
         import jax
         from jax._src import xla_bridge
-        import dots_jax.distributed, dots_jax.{module} as cli
+        import dots_jax.parallel.distributed, dots_jax.{module} as cli
         seen = []
         def maybe_initialize(force=False):
             seen.append((force, dict(xla_bridge._backends)))
@@ -127,9 +127,10 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from dots_jax import distributed, sharding
+from dots_jax.parallel import distributed
+from dots_jax.parallel import sharding
 from dots_jax.config import preset
-from dots_jax.model import random_model
+from dots_jax.model.modeling import random_model
 
 assert distributed.maybe_initialize()  # from the environment
 cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=2, layer_types=(), initializer_range=0.1)

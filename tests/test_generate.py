@@ -14,8 +14,8 @@ from conftest import hf_config, hf_model, save, torch_one_thread
 from flax import nnx
 
 import dots_jax
-from dots_jax import generate as gen
-from dots_jax.cache import KVCache
+from dots_jax.inference import generate as gen
+from dots_jax.model.cache import KVCache
 
 # name: (config overrides, MoE backend). The first runs the default backend ("auto": "loop" on CPU); the others
 # use "dense" only because it compiles about twice as fast on CPU (the backends agree: test_grouped_matmul).

@@ -22,8 +22,8 @@ from flax import nnx
 
 import dots_jax
 from dots_jax import CheckpointError, ConfigError
-from dots_jax.hf_weights import resolve
-from dots_jax.safetensors_io import SafetensorsError, SafetensorsFile, save_file
+from dots_jax.weights.hf import resolve
+from dots_jax.weights.safetensors_io import SafetensorsError, SafetensorsFile, save_file
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dots_jax.grouped_matmul import BACKENDS
-from dots_jax.moe import moe_experts, route
+from dots_jax.model.moe import moe_experts, route
+from dots_jax.ops.gmm import BACKENDS
 
 E, H, I, K = 8, 16, 12, 3
 
@@ -128,7 +128,7 @@ def test_route_matches_numpy(n_group, topk_group, norm, scale):
 def test_routing_stats_match_numpy():
     """Expert load and the sequence-wise balance loss (DeepSeek-V3's definition) against float64 numpy,
     with padding left out; and the loss is exactly 1 when every expert gets the same share."""
-    from dots_jax.moe import routing_stats
+    from dots_jax.model.moe import routing_stats
 
     rng = np.random.default_rng(5)
     b, s = 3, 11
@@ -163,7 +163,7 @@ def test_routing_stats_match_numpy():
 def test_expert_ffn_uses_the_fused_loop_for_the_loop_backend(monkeypatch, backend, fused):
     """"loop" (and "auto", which is "loop" on CPU at this size) runs the fused SwiGLU loop; the other backends
     keep the three gmm calls. The values of both paths are checked against numpy above."""
-    import dots_jax.moe as moe
+    import dots_jax.model.moe as moe
 
     calls = []
     fused_loop = moe.expert_ffn_loop

@@ -22,7 +22,7 @@ from jax.experimental.pallas import tpu as pltpu
 from test_grouped_matmul import assert_close_bf16
 
 import dots_jax
-from dots_jax import grouped_matmul
+from dots_jax.ops import gmm as grouped_matmul
 from pallas_kernels import gmm as pallas_gmm
 from pallas_kernels import gmm_gpu, reference
 

@@ -10,7 +10,7 @@ import transformers
 from conftest import hf_config, hf_model, random_ids, save
 
 import dots_jax
-from dots_jax.moe import route
+from dots_jax.model.moe import route
 
 # Six-plus configs that together cover every branch of the math (acceptance list of the foundation issue).
 CONFIGS = {

@@ -14,7 +14,7 @@ from conftest import hf_config, hf_model, save, torch_one_thread
 from scipy.stats import chisquare
 
 import dots_jax
-from dots_jax import generate as gen
+from dots_jax.inference import generate as gen
 
 V = 48
 filter_logits = jax.jit(gen.filter_logits)

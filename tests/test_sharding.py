@@ -24,13 +24,14 @@ from conftest import require_libtpu
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dots_jax import sharding
-from dots_jax.cache import KVCache
 from dots_jax.config import preset
-from dots_jax.model import Dots1ForCausalLM, random_model
-from dots_jax.moe import expert_parallel, moe_experts
-from dots_jax.padding import PaddedDots1ForCausalLM, pad_for_mesh, unpad
-from dots_jax.train import Batch, TrainConfig, init_state, jit_train_step, loss_fn
+from dots_jax.model.cache import KVCache
+from dots_jax.model.modeling import Dots1ForCausalLM, random_model
+from dots_jax.model.moe import expert_parallel, moe_experts
+from dots_jax.parallel import sharding
+from dots_jax.parallel.padding import PaddedDots1ForCausalLM, pad_for_mesh, unpad
+from dots_jax.training.data import Batch
+from dots_jax.training.step import TrainConfig, init_state, jit_train_step, loss_fn
 
 MESHES = ["data=2,expert=4", "expert=8", "fsdp=2,expert=2,tensor=2", "data=8"]
 NEEDS_8 = pytest.mark.skipif(jax.device_count() < 8, reason="runs in the 8-device child pytest")
@@ -116,7 +117,7 @@ def test_check_shardable_points_to_padding_where_it_applies():
     message = str(info.value)
     assert "vocab_size=251 is not divisible by tensor=2" in message
     assert "intermediate_size=97 is not divisible by tensor=2" in message
-    assert message.count("dots_jax.padding.pad_for_mesh(model, mesh)") == 2
+    assert message.count("dots_jax.parallel.padding.pad_for_mesh(model, mesh)") == 2
     with pytest.raises(ValueError) as info:  # attention heads are not padded: no pointer
         sharding.check_shardable(tiny_cfg(), "tensor=4")
     assert "pad_for_mesh" not in str(info.value)
@@ -407,7 +408,7 @@ def test_ragged_exchange_compiles_for_tpu():
 
 @NEEDS_8
 def test_eight_devices_generate_and_train_step_with_a_mesh(model):
-    from dots_jax.generate import generate
+    from dots_jax.inference.generate import generate
 
     mesh = sharding.make_mesh("data=2,expert=4")
     prompts = [[5, 6, 7, 8, 9], [1, 2, 3], [4] * 7, [10, 11]] * 2

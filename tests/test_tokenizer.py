@@ -1,5 +1,5 @@
-"""dots_jax.tokenizer against independent oracles: exact round trips, transformers' PreTrainedTokenizerFast (ids and
-chat templates), and hand-written strings of the dots1 chat format from docs/dots1-reference.md.
+"""dots_jax.inference.tokenizer against independent oracles: exact round trips, transformers'
+PreTrainedTokenizerFast (ids and chat templates), and hand-written strings of the dots1 chat format.
 
 Every tokenizer is built here (no network): a byte-level BPE like the real Qwen2-style dots.llm1 one, and a tiny
 SentencePiece model with byte fallback.
@@ -17,7 +17,7 @@ import tokenizers
 import transformers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dots_jax.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer
+from dots_jax.inference.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|endofsystem|>", "<|userprompt|>", "<|endofuserprompt|>",
                   "<|response|>", "<|endofresponse|>"]

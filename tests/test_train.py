@@ -22,8 +22,10 @@ from conftest import hf_config, hf_model, random_ids, save, torch_one_thread
 from flax import nnx
 
 import dots_jax
-from dots_jax import train
-from dots_jax.hf_weights import match_key
+from dots_jax import training as train
+from dots_jax.model.modeling import RouterBias
+from dots_jax.ops.head_loss import head_nll
+from dots_jax.weights.hf import match_key
 
 # First layer dense (TINY), GQA, group-limited routing (4 groups of 2, keep 2), normalised top-2, scaled 2.5.
 CONFIG = dict(num_key_value_heads=2, n_group=4, topk_group=2, routed_scaling_factor=2.5)
@@ -182,7 +184,7 @@ def test_tied_embedding_and_attention_bias_gradients_match_torch_autograd(tmp_pa
 
 def test_update_router_bias_matches_numpy(checkpoint):
     _, path = checkpoint
-    graphdef, params, router_bias = nnx.split(_load(path), nnx.Param, train.RouterBias)
+    graphdef, params, router_bias = nnx.split(_load(path), nnx.Param, RouterBias)
     bias = np.random.default_rng(3).normal(0.0, 0.1, (2, EXPERTS)).astype(np.float32)
     router_bias = jax.tree.map(lambda _: jnp.asarray(bias), router_bias)
     # Layer 0 has mean load 5 and two experts exactly at the mean (no change); layer 1 is one-sided.
@@ -275,7 +277,7 @@ def test_zero_gradient_step_decays_matrices_but_not_norms_or_biases(checkpoint):
     _, path = checkpoint
     tc = train.TrainConfig(learning_rate=0.5, total_steps=10, warmup_steps=0, decay_steps=0, weight_decay=0.1)
     shrink = 1 - 0.5 * 0.1
-    _, params, _ = nnx.split(_load(path), nnx.Param, train.RouterBias)
+    _, params, _ = nnx.split(_load(path), nnx.Param, RouterBias)
     # A toy tree (names as in the model: a leading "layers" axis under a layer stack) and the real parameters.
     toy = {"w": jnp.full((3, 4), 2.0), "scale": jnp.full((4,), 2.0),
            "moe_layers": {"norm": jnp.full((2, 4), 2.0), "proj": jnp.full((2, 3, 4), 2.0),
@@ -417,7 +419,7 @@ def test_head_nll_and_its_custom_gradient_match_float64(dtype, rtol):
     targets = rng.integers(0, v, n).astype(np.int32)
     ct = rng.random(n).astype(np.float32) * (rng.random(n) > 0.2)
     xj, wj = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
-    nll, vjp = jax.vjp(lambda a, b: train.head_nll(a, b, jnp.asarray(targets)), xj, wj)
+    nll, vjp = jax.vjp(lambda a, b: head_nll(a, b, jnp.asarray(targets)), xj, wj)
     d_x, d_w = vjp(jnp.asarray(ct))
     xd, wd = np.asarray(xj, np.float64), np.asarray(wj, np.float64)  # the rounded inputs the kernel saw
     logits = xd @ wd

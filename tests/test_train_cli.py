@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from dots_jax import checkpoint
 from dots_jax.config import preset
 from dots_jax.train import main
+from dots_jax.training import checkpoint
 
 BATCH, SEQ = 2, 16
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

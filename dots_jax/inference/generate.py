@@ -18,10 +18,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dots_jax.cache import KVCache
-from dots_jax.cpu_tuning import tune_allocator
-from dots_jax.model import Dots1ForCausalLM
-from dots_jax.sharding import cache_shardings, check_shardable, constrain, shard_state
+from dots_jax.model.cache import KVCache
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.parallel.cpu_tuning import tune_allocator
+from dots_jax.parallel.sharding import cache_shardings, check_shardable, constrain, shard_state
 
 MIN_BUCKET = 16
 
@@ -145,7 +145,7 @@ def generate(
 
     Stops each sequence at a stop token (default: the config's eos_token_id) or after max_new_tokens.
     `on_tokens(step, tokens [B], active [B])` is called after every step (for streaming).
-    With a `mesh` (dots_jax.sharding.make_mesh) the weights and the KV cache are split by the sharding table
+    With a `mesh` (dots_jax.parallel.sharding.make_mesh) the weights and the KV cache are split by the sharding table
     and every step runs under it (expert parallelism included); a mesh that cannot split the model is rejected
     before anything compiles.
     """

@@ -3,11 +3,11 @@
 The [test] and [tpu] extras install libtpu. JAX then initialises its TPU backend on every start, and on a machine
 without a TPU libtpu prints five lines to stderr (host bounds, an `E0000 ... unexpected worker hostname` error, a
 source-location trace) before JAX falls back to the CPU: above every CLI's output and its one `error:` line.
-steer() runs when dots_jax is imported, before any backend exists: with no JAX_PLATFORMS (or jax_platforms)
-chosen by the user and no sign of a TPU on this machine, it restricts JAX to the GPU plugins that are installed
-plus the CPU. A TPU machine, or a user who chose the platforms, is left alone. The planner (dots_jax.plan)
-compiles for TPU topologies through jax.experimental.topologies, which loads libtpu directly and does not need
-the TPU backend.
+steer() runs when this module is imported (dots_jax imports it first), before any backend exists: with no
+JAX_PLATFORMS (or jax_platforms) chosen by the user and no sign of a TPU on this machine, it restricts JAX to the
+GPU plugins that are installed plus the CPU. A TPU machine, or a user who chose the platforms, is left alone.
+The planner (dots_jax.plan) compiles for TPU topologies through jax.experimental.topologies, which loads libtpu
+directly and does not need the TPU backend.
 """
 
 from __future__ import annotations
@@ -63,3 +63,6 @@ def steer() -> None:
     # The config, not the environment variable: child processes (a test's subprocess, a user's tool) decide
     # for themselves.
     jax.config.update("jax_platforms", ",".join([*gpu_platforms(), "cpu"]))
+
+
+steer()

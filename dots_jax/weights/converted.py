@@ -32,10 +32,10 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
-from dots_jax.hf_weights import CheckpointError
-from dots_jax.model import Dots1ForCausalLM
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.weights.hf import CheckpointError
 
-FORMAT = "dots_jax.converted"
+FORMAT = "dots_jax.weights.converted"
 VERSION = 1
 MANIFEST = "manifest.json"
 UNITS = "units"
@@ -155,7 +155,7 @@ def shardings_for(state: nnx.State, mesh: Mesh | None) -> dict[StatePath, jax.sh
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         return dict.fromkeys(flat, device)
-    from dots_jax.sharding import param_shardings
+    from dots_jax.parallel.sharding import param_shardings
 
     shardings = param_shardings(state, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
@@ -207,18 +207,18 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     """Load dots.llm1 from a converted dots_jax checkpoint (a directory with manifest.json, restored straight
     into its shardings), or from an HF checkpoint (local directory or repo id; see hf_weights.from_pretrained).
 
-    mesh: place every parameter by the sharding table (dots_jax.sharding); None = one device. An HF checkpoint
+    mesh: place every parameter by the sharding table (dots_jax.parallel.sharding); None = one device. An HF checkpoint
     is read on the host and then placed, so a whole-model host copy exists there: convert it first for meshes.
     """
     if is_converted(path):
         return load(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
                     progress=progress)
-    from dots_jax import hf_weights
+    from dots_jax.weights import hf as hf_weights
 
     model = hf_weights.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
                                        progress=progress)
     if mesh is not None:
-        from dots_jax.sharding import shard_state
+        from dots_jax.parallel.sharding import shard_state
 
         nnx.update(model, shard_state(nnx.state(model), mesh))
     return model

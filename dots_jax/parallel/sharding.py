@@ -23,8 +23,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
+from dots_jax.model.cache import KVCache, LayerStackCache
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 MeshAxes = str | tuple[str, ...] | None
@@ -147,7 +147,7 @@ def _mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh | str | Mapping[str, int]
     return parse_mesh_spec(mesh) if isinstance(mesh, str | Mapping) else dict(mesh.shape)
 
 
-# The widths dots_jax.padding.pad_for_mesh can zero-pad (exactly: the padded model computes the same logits).
+# The widths dots_jax.parallel.padding.pad_for_mesh can zero-pad (exactly: the padded model computes the same logits).
 PADDABLE = ("intermediate_size", "vocab_size")
 
 
@@ -172,7 +172,7 @@ def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> N
             article = "an" if axis[0] in "aefx" else "a"  # an expert, an fsdp; a tensor, a data
             problem = f"{field}={size} is not divisible by {axis}={n}; use {article} {axis} axis of {listed}"
             if field in PADDABLE:
-                problem += " or zero-pad it for this mesh: model = dots_jax.padding.pad_for_mesh(model, mesh)"
+                problem += " or zero-pad it for this mesh: model = dots_jax.parallel.padding.pad_for_mesh(model, mesh)"
             problems.append(problem)
     if problems:
         raise ValueError("this mesh cannot shard the model: " + "; ".join(problems))
@@ -181,7 +181,7 @@ def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> N
 def padding_plan(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int], lane: int = 128) -> dict[str, tuple[int, int]]:
     """{config field: (size, padded size)} for the tensor-split widths that the tensor axis does not divide, or
     whose per-device slice is not a multiple of the TPU lane width (128): the released dense width 10944
-    (85.5 x 128) always, the vocabulary at tensor >= 8. `dots_jax.padding.pad_for_mesh` pads the fields in
+    (85.5 x 128) always, the vocabulary at tensor >= 8. `dots_jax.parallel.padding.pad_for_mesh` pads the fields in
     PADDABLE exactly (zero columns/rows; the extra logits are cut off). Lane-misaligned shapes still compile and
     run, a little slower; undivided ones do not (`check_shardable`)."""
     shape = _mesh_shape(mesh)
@@ -273,7 +273,7 @@ def current_mesh() -> jax.sharding.AbstractMesh | None:
     if mesh.empty:
         return None
     if tuple(mesh.axis_names) != MESH_AXES:
-        raise ValueError(f"the model runs under a mesh with axes {MESH_AXES} (dots_jax.sharding.make_mesh); "
+        raise ValueError(f"the model runs under a mesh with axes {MESH_AXES} (dots_jax.parallel.sharding.make_mesh); "
                          f"the current mesh has axes {tuple(mesh.axis_names)}")
     return mesh
 

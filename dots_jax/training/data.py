@@ -12,16 +12,17 @@ do not contain) separates files.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dots_jax.tokenizer import Tokenizer
-from dots_jax.train import Batch
+from dots_jax.inference.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py")  # what a --data directory contributes
 BYTE_VOCAB = 256
@@ -30,6 +31,14 @@ BYTE_SEPARATOR = 0
 
 class DataError(ValueError):
     """Training data that cannot be used: the message names the path or the setting at fault."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+    inputs: jax.Array  # [B, S] int32
+    targets: jax.Array  # [B, S] int32: the next token of each input position
+    loss_mask: jax.Array  # [B, S]: 1 where the target counts (0 for padding, prompts in SFT, ...)
 
 
 def find_files(spec: str | os.PathLike) -> list[Path]:

@@ -1,10 +1,10 @@
 """dots.llm1 in Flax NNX, following transformers' models/dots1 step by step.
 
 Weights are stored [in, out] (JAX convention); routed experts as [E, in, out]. Every parameter carries logical
-axis names in its `out_sharding` metadata, so the sharding table (dots_jax.sharding) needs no model change.
+axis names in its `out_sharding` metadata, so the sharding table (dots_jax.parallel.sharding) needs no model change.
 Layers of one kind (dense, MoE) are created stacked on a leading "layers" axis and run under one jax.lax.scan.
-Under `jax.set_mesh(dots_jax.sharding.make_mesh(...))` the residual stream is constrained at every layer boundary
-and the routed experts run expert-parallel in shard_map; without a mesh nothing changes.
+Under `jax.set_mesh(dots_jax.parallel.sharding.make_mesh(...))` the residual stream is constrained at every layer
+boundary and the routed experts run expert-parallel in shard_map; without a mesh nothing changes.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dots_jax.cache import KVCache, LayerStackCache
 from dots_jax.config import Dots1Config
-from dots_jax.moe import RouterStats, expert_parallel, moe_experts, round_to, route, routing_stats, silu
-from dots_jax.sharding import constrain, current_mesh
+from dots_jax.model.cache import KVCache, LayerStackCache
+from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, round_to, route, routing_stats, silu
+from dots_jax.parallel.sharding import constrain, current_mesh
 
 DType = jnp.dtype | type
 NO_WINDOW = 2**30  # the "window" of a full-attention layer: larger than any sequence

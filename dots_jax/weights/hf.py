@@ -23,8 +23,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
-from dots_jax.model import Dots1ForCausalLM
-from dots_jax.safetensors_io import SafetensorsFile
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.weights.safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

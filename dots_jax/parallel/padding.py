@@ -23,11 +23,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from dots_jax.cache import KVCache
 from dots_jax.config import Dots1Config
-from dots_jax.model import Dots1ForCausalLM
-from dots_jax.moe import RouterStats
-from dots_jax.sharding import PADDABLE, padding_plan
+from dots_jax.model.cache import KVCache
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.model.moe import RouterStats
+from dots_jax.parallel.sharding import PADDABLE, padding_plan
 
 
 class PaddedDots1ForCausalLM(Dots1ForCausalLM):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.grouped_matmul import default_backend, expert_ffn_loop, gmm, round_to, silu
+from dots_jax.ops.gmm import default_backend, expert_ffn_loop, gmm, round_to, silu
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").

@@ -29,7 +29,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
-from dots_jax.hf_weights import (
+from dots_jax.model.modeling import Dots1ForCausalLM, RouterBias
+from dots_jax.training.step import TrainConfig, TrainState, init_state
+from dots_jax.weights.hf import (
     _ATTN,
     KEY_TABLE,
     SINGLE_FILE,
@@ -41,9 +43,7 @@ from dots_jax.hf_weights import (
     _Match,
     _target,
 )
-from dots_jax.model import Dots1ForCausalLM, RouterBias
-from dots_jax.safetensors_io import save_file
-from dots_jax.train import TrainConfig, TrainState, init_state
+from dots_jax.weights.safetensors_io import save_file
 
 CHECKPOINTS = "checkpoints"  # the subdirectory of a training run's output directory
 DEFAULT_MAX_TO_KEEP = 3

@@ -1,0 +1,1 @@
+"""Compute backends behind one signature each: the grouped matmul registry and CPU loop kernels, fused losses."""
