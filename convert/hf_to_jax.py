@@ -42,7 +42,7 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from dots_jax.config import ConfigError, Dots1Config  # noqa: E402
-from dots_jax.model.modeling import Dots1ForCausalLM  # noqa: E402
+from dots_jax.model.modeling import abstract_model  # noqa: E402
 from dots_jax.training.checkpoint import overlapping  # noqa: E402
 from dots_jax.weights import converted  # noqa: E402
 from dots_jax.weights.hf import (  # noqa: E402
@@ -110,7 +110,7 @@ class ParamPlan:
 
 def param_shapes(cfg: Dots1Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Every parameter of the model (path in the state -> shape), without computing a weight."""
-    model = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg)
     return {path: tuple(var.get_value().shape) for path, var in nnx.to_flat_state(nnx.state(model))}
 
 

@@ -177,18 +177,6 @@ def _shard_bytes(sds) -> int:
     return math.prod(shape) * sds.dtype.itemsize
 
 
-def _abstract(tree, shardings):
-    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a tree with one sharding per leaf)."""
-    import jax
-
-    leaves, treedef = jax.tree.flatten(tree)
-    shard_leaves = jax.tree.leaves(shardings)  # NamedSharding and Format are leaves
-    if len(leaves) != len(shard_leaves):
-        raise AssertionError(f"{len(leaves)} leaves but {len(shard_leaves)} shardings")
-    out = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shard_leaves, strict=True)]
-    return jax.tree.unflatten(treedef, out)
-
-
 def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
     """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip)."""
     import jax
@@ -199,8 +187,8 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
     from jax.sharding import PartitionSpec as P
 
     from dots_jax.model.cache import KVCache
-    from dots_jax.model.modeling import Dots1ForCausalLM
-    from dots_jax.parallel.sharding import batch_axes, cache_shardings, param_shardings
+    from dots_jax.model.modeling import abstract_model
+    from dots_jax.parallel.sharding import batch_axes, cache_shardings, param_shardings, with_shardings
 
     rows = NamedSharding(mesh, P(batch_axes(batch, mesh), None))
 
@@ -214,22 +202,21 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
 
         tc = TrainConfig()
         graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas")
-        state = _abstract(state, param_shardings(state, mesh))
+        state = with_shardings(state, param_shardings(state, mesh))
         weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
         data = Batch(tokens_sds((batch, seq)), tokens_sds((batch, seq)), tokens_sds((batch, seq), jnp.float32))
         step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
         with jax.set_mesh(mesh):
             return step.lower(graphdef, tc, state, data), weights, 0
 
-    model = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                                    moe_backend="pallas", rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas")
     graphdef, state = nnx.split(model)
-    state = _abstract(state, param_shardings(state, mesh))
+    state = with_shardings(state, param_shardings(state, mesh))
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
 
     cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, jnp.bfloat16))
     cache_sh = cache_shardings(cache, mesh)
-    cache = _abstract(cache, cache_sh)
+    cache = with_shardings(cache, cache_sh)
     kv_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
     if auto_layout:  # the compiler picks the cache's layout (else it copies the cache to its preferred one)
         cache_sh = jax.tree.map(lambda s: Format(Layout.AUTO, s), cache_sh)

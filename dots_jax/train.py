@@ -26,7 +26,7 @@ from dots_jax.model.modeling import random_model
 from dots_jax.ops.gmm import BACKENDS
 from dots_jax.parallel.cpu_tuning import tune_allocator
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
-from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state
+from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state, with_shardings
 from dots_jax.training import checkpoint
 from dots_jax.training.data import (
     BYTE_VOCAB,
@@ -350,10 +350,7 @@ def _cli_run(args: argparse.Namespace) -> int:
             return 0
         graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend)
         if args.mesh is not None:  # restored straight into the mesh's shardings (one per array, in order)
-            leaves, tree = jax.tree.flatten(abstract)
-            shardings = jax.tree.leaves(param_shardings(abstract, args.mesh))
-            abstract = tree.unflatten([jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-                                       for a, s in zip(leaves, shardings, strict=True)])
+            abstract = with_shardings(abstract, param_shardings(abstract, args.mesh))
         state, meta = checkpoint.restore(ckpt_dir, abstract, latest)
         first_step, position, what = meta["step"], meta["data"]["position"], f"resumed from step {meta['step']}"
     else:

@@ -342,6 +342,14 @@ class Dots1ForCausalLM(nnx.Module):
         return logits, cache, stats
 
 
+def abstract_model(cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
+                   moe_backend: str = "auto", seed: int = 0) -> Dots1ForCausalLM:
+    """The model with ShapeDtypeStructs for weights: its structure, shapes and dtypes, no array computed (what a
+    loader fills, a planner compiles, a checkpoint restores into)."""
+    return nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                   moe_backend=moe_backend, rngs=nnx.Rngs(seed)))
+
+
 def random_model(cfg: Dots1Config, seed: int, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
                  moe_backend: str = "auto") -> Dots1ForCausalLM:
     """A randomly initialised model, its init compiled as one program at XLA's lowest optimisation level: it
@@ -351,6 +359,7 @@ def random_model(cfg: Dots1Config, seed: int, *, dtype: DType = jnp.float32, par
         return Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
                                 rngs=nnx.Rngs(seed))
 
-    graphdef, _ = nnx.split(nnx.eval_shape(make))
+    graphdef, _ = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                                           seed=seed))
     init = jax.jit(lambda: nnx.state(make())).lower().compile({"xla_backend_optimization_level": 0})
     return nnx.merge(graphdef, init())

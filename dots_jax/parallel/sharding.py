@@ -234,6 +234,17 @@ def shard_state(state: PyTree, mesh: Mesh) -> PyTree:
 
 
 # --------------------------------------------------------------------------------- activations and the cache
+def with_shardings(tree: PyTree, shardings: PyTree) -> PyTree:
+    """ShapeDtypeStructs of `tree`'s leaves carrying `shardings` (a tree with one sharding, or a
+    jax.experimental.layout.Format, per leaf): the abstract arguments of an ahead-of-time lower or a restore."""
+    leaves, treedef = jax.tree.flatten(tree)
+    shard_leaves = jax.tree.leaves(shardings)  # NamedSharding and Format are leaves
+    if len(leaves) != len(shard_leaves):
+        raise ValueError(f"{len(leaves)} arrays but {len(shard_leaves)} shardings")
+    return treedef.unflatten([jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+                              for x, s in zip(leaves, shard_leaves, strict=True)])
+
+
 def batch_axes(batch: int, mesh: Mesh | jax.sharding.AbstractMesh) -> MeshAxes:
     """The longest prefix of RULES["batch"] whose sizes divide `batch` (a batch of 1 in decode stays whole,
     a batch of 8 on data=2, expert=8 splits over data only)."""

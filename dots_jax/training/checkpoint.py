@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.modeling import Dots1ForCausalLM, RouterBias
+from dots_jax.model.modeling import Dots1ForCausalLM, RouterBias, abstract_model
 from dots_jax.training.step import TrainConfig, TrainState, init_state
 from dots_jax.weights.hf import (
     _ATTN,
@@ -137,8 +137,7 @@ def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.
                          ) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs) for a model with f32 master weights and compute `dtype`:
     what restore() needs, built without computing a single weight (random init costs seconds of compiles)."""
-    model = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32,
-                                                    moe_backend=moe_backend, rngs=nnx.Rngs(0)))
+    model = abstract_model(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend)
     graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
     # init_state itself, traced: the optimizer state's structure is exactly what training creates.
     state = jax.eval_shape(lambda p, r: init_state(nnx.merge(graphdef, p, r), tc)[1], params, router_bias)

@@ -32,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
 from dots_jax.weights.hf import CheckpointError
 
 FORMAT = "dots_jax.weights.converted"
@@ -174,8 +174,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.
     root = as_path(path)
     manifest = read_manifest(root)
     cfg = Dots1Config.from_hf(json.loads((root / "config.json").read_text()))
-    abstract = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                       moe_backend=moe_backend, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     _check_manifest(manifest, flat, cfg)

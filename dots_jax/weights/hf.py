@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
 from dots_jax.weights.safetensors_io import SafetensorsFile
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -246,8 +246,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.fl
     directory = resolve(path)
     cfg = Dots1Config.from_hf(directory)
     opened, plan = plan_tensors(directory, cfg)
-    abstract = nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                       moe_backend=moe_backend, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items()}, directory)
