@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dots_jax.errors import UserError
+
 FULL_ATTENTION = "full_attention"
 SLIDING_ATTENTION = "sliding_attention"
 
@@ -37,7 +39,8 @@ _HF_DEFAULTS: dict[str, Any] = {
     "rope_theta": 10000.0,
 }
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A config.json that the reference would misread or reject; the message names the field."""
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dots_jax.errors import UserError
 from dots_jax.inference.tokenizer import Tokenizer
 
 TEXT_SUFFIXES = (".txt", ".py")  # what a --data directory contributes
@@ -29,7 +30,7 @@ BYTE_VOCAB = 256
 BYTE_SEPARATOR = 0
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Training data that cannot be used: the message names the path or the setting at fault."""
 
 

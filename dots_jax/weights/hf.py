@@ -23,6 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
+from dots_jax.errors import UserError
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
 from dots_jax.weights.safetensors_io import SafetensorsFile
 
@@ -32,7 +33,7 @@ HF_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", IN
                     "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit its config.json: the message names the tensor, file or field."""
 
 
