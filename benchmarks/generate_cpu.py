@@ -18,14 +18,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import torch
-import transformers
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+# tests/oracle.py, not tests/conftest.py: conftest sets the test suite's cheap-compile XLA flags for the whole
+# process, and a benchmark must measure the optimised build users run.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import hf_config, hf_model, save  # noqa: E402
+from oracle import hf_config, hf_model, save  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
@@ -128,13 +132,17 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     bandwidth = copy_bandwidth()
+    # Other processes on the machine slow both sides alike only roughly: the load average says how busy it was.
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-               "transformers": transformers.__version__, "copy_bandwidth_GB_s": bandwidth / 1e9,
-               "device": str(jax.devices()[0])}
+               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+               "torch": torch.__version__, "transformers": transformers.__version__,
+               "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
+               "device": str(jax.devices()[0]), "loadavg_1_5_15_start": list(os.getloadavg())}
     rows = [bench_config(name, CONFIGS[name], bandwidth) for name in args.configs.split(",")]
+    machine["loadavg_1_5_15_end"] = list(os.getloadavg())
 
-    print(f"machine: {machine['processor']}, {machine['cpus']} cpus, copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"machine: {machine['processor']}, {machine['cpus']} cpus, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
+          f"load average {machine['loadavg_1_5_15_start'][0]:.1f} -> {machine['loadavg_1_5_15_end'][0]:.1f}")
     header = f"{'config':8} {'params':>7} {'same':>5} {'phase':>10} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6}"
     print(header)
     print("-" * len(header))
