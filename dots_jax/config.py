@@ -297,7 +297,10 @@ def _read_rope(raw: dict[str, Any]) -> tuple[float, str | None]:
     return theta, rope_type
 
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A wheel ships the presets as package data in dots_jax/configs/; in a checkout they are configs/ beside the package.
+_PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIGS_DIR = next((d for d in (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs") if d.is_dir()),
+                   _PACKAGE_DIR / "configs")
 
 
 def preset(name: str) -> Dots1Config:

@@ -22,11 +22,13 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dots_jax.config import CONFIGS_DIR
+
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
 SEQ_LEN = 256
 EVAL_FRACTION = 0.05  # the training CLI's default: the corpus's last 5% of tokens are held out
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.json"
+DEMO_CONFIG = CONFIGS_DIR / "demo.json"
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"  # the shipped model (package data)
 
 
@@ -85,7 +87,7 @@ def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch:
 
     from dots_jax.inference.tokenizer import Tokenizer as DotsTokenizer
     from dots_jax.training.data import load_tokens, num_windows, split_eval
-    from dots_jax.weights.hf import from_pretrained
+    from dots_jax.weights import from_pretrained
 
     tokens = load_tokens(stdlib_glob(), DotsTokenizer.from_dir(model_dir))
     train_tokens, held = split_eval(tokens, EVAL_FRACTION, seq_len)
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     train_cmd.add_argument("--lr", type=float, default=3e-3)
     eval_cmd = commands.add_parser("evaluate", help="held-out loss of a demo model against a unigram baseline")
     eval_cmd.add_argument("--model", default=str(DEMO_MODEL_DIR),
-                          help="the model directory (default: the shipped demo model)")
+                          help="the model directory: an HF checkpoint or a converted one (default: the shipped "
+                               "demo model)")
     args = parser.parse_args(argv)
     return _train(args) if args.command == "train" else _evaluate(args)
 
