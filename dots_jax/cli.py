@@ -1,24 +1,32 @@
 """What every command line (python -m dots_jax.sample / train / plan / demo, convert.*) shares: one parser whose
-mistakes are user errors, one `error: ...` line and exit code 2 for any UserError, one dtype map."""
+mistakes are user errors, one `error: ...` line and exit code 2 for any UserError, one dtype map.
+
+A CLI's `main(argv) -> int` is `return cli.run(_main, argv)`; `_main` parses with `cli.Parser`, raises UserError
+(or a room's own subclass: ConfigError, CheckpointError, DataError, ...) for input the user can fix, and turns a
+third-party error into a UserError where it catches it."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Callable
+from typing import ParamSpec
 
 import jax.numpy as jnp
 
 from dots_jax.errors import UserError
 
 EXIT_USER_ERROR = 2
-# The dtypes a user can name on a command line: weights and activations (sample, train, plan) and storage (convert).
+# The dtypes a user can name on a command line: storage (convert) and, of those, compute (sample, train).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
+P = ParamSpec("P")
+
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad option as a UserError (one line, exit 2) instead of printing the usage."""
+    """argparse that reports a bad option as a UserError (one line, exit 2) instead of printing the usage.
+    Subcommand parsers (add_subparsers) are of this class too."""
 
     def __init__(self, prog: str, description: str | None = None, **kwargs) -> None:
         kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
@@ -29,13 +37,14 @@ class Parser(argparse.ArgumentParser):
 
 
 def one_line(error: BaseException) -> str:
+    """The error's message with its line breaks and runs of spaces folded, for the one `error:` line."""
     return " ".join(str(error).split())
 
 
-def run(main: Callable[[], int]) -> int:
-    """main()'s exit code, or 2 with one `error:` line on stderr when it raises a UserError."""
+def run(body: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
+    """body(*args, **kwargs)'s exit code, or 2 with one `error:` line on stderr when it raises a UserError."""
     try:
-        return main()
+        return body(*args, **kwargs)
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -7,7 +7,7 @@ A small dots1-architecture model (dense first layer, MoE layers with shared expe
 the same code path as the released model) trained with this project's own `python -m dots_jax.train` on a corpus
 that exists offline on every machine: the Python standard library's own top-level source files, with a byte-level
 BPE tokenizer trained on the same files. The result is an HF directory (config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json) under OUT/run/hf.
+tokenizer.json, tokenizer_config.json) under OUT/run/hf. Bad input prints one `error: ...` line and exits with 2.
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from dots_jax import cli, files
 from dots_jax.config import CONFIGS_DIR
+from dots_jax.errors import UserError
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
@@ -51,8 +53,9 @@ def train_tokenizer(files: list[Path], directory: Path) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train([str(f) for f in files], trainer)
     directory.mkdir(parents=True, exist_ok=True)
-    tok.save(str(directory / "tokenizer.json"))
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS, "model_max_length": 2048}))
+    with files.atomic_path(directory / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
+    files.write_atomic(directory / "tokenizer_config.json", json.dumps({"eos_token": EOS, "model_max_length": 2048}))
 
 
 def to_bfloat16(directory: Path) -> None:
@@ -70,7 +73,7 @@ def to_bfloat16(directory: Path) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
     config["torch_dtype"] = "bfloat16"
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    files.write_atomic(directory / "config.json", json.dumps(config, indent=2))
 
 
 def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch: int = 16) -> dict:
@@ -133,7 +136,7 @@ def _train(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["eos_token_id"] = tokenizer.token_to_id(EOS)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    files.write_atomic(out / "config.json", json.dumps(config, indent=2))
     code = train.main(["--config", str(out / "config.json"), "--data", str(out / "corpus"),
                        "--tokenizer", str(out / "tokenizer"), "--steps", str(args.steps), "--batch", str(args.batch),
                        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--eval-every", "200",
@@ -142,7 +145,8 @@ def _train(args: argparse.Namespace) -> int:
         return code
     hf = out / "run" / "hf"
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(out / "tokenizer" / name, hf / name)
+        with files.atomic_path(hf / name) as tmp:
+            shutil.copyfile(out / "tokenizer" / name, tmp)
     to_bfloat16(hf)
     print(f"demo model written to {hf} (Python {sys.version.split()[0]} stdlib corpus); to ship it: "
           f"cp {hf}/* {DEMO_MODEL_DIR}/")
@@ -150,7 +154,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    result = evaluate(Path(args.model))
+    from dots_jax.inference.tokenizer import Tokenizer as DotsTokenizer
+
+    model = Path(args.model).expanduser()
+    try:  # the tokenizer's own errors (a missing directory or file, a corrupt one) are plain OSError / ValueError
+        DotsTokenizer.from_dir(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model: {e}") from None
+    result = evaluate(model)
     print(f"held-out cross-entropy, {result['held_out_tokens']} tokens of the Python {result['python']} stdlib "
           f"corpus's last {EVAL_FRACTION:.0%} (never trained on):")
     print(f"  demo model      {result['model_loss']:.3f} nats/token (perplexity {math.exp(result['model_loss']):.1f})")
@@ -160,9 +171,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dots_jax.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str] | None) -> int:
+    parser = cli.Parser(prog="python -m dots_jax.demo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train_cmd = commands.add_parser("train", help="build the corpus and tokenizer, train, export OUT/run/hf")
     train_cmd.add_argument("--out", required=True, help="work directory (corpus/, tokenizer/, the training run)")
@@ -176,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
                                "demo model)")
     args = parser.parse_args(argv)
     return _train(args) if args.command == "train" else _evaluate(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dots_jax.demo ...`; returns the exit code (2 for bad input, with one `error:` line)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -11,22 +11,31 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `path` (a file or a directory) to write; on success it replaces `path` in one
-    rename, on an exception it is removed and `path` is left as it was."""
+    """Yields a temporary path beside `path` (same directory, so the rename stays on one file system) for the
+    caller to create as a file or a directory; on success it takes the place of `path`, on an exception it is
+    removed and `path` is left as it was. The parent directory must exist."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    _remove(tmp)
+    _remove(tmp)  # left by an earlier, killed writer
     try:
         yield tmp
     except BaseException:
         _remove(tmp)
         raise
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)  # os.replace cannot replace a non-empty directory
-    os.replace(tmp, path)
+        # os.replace cannot replace a non-empty directory: move the old one aside, then remove it. A kill in
+        # between leaves the old one as <name>.old, never half of either.
+        old = path.with_name(path.name + ".old")
+        _remove(old)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)
 
 
 def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write `data` (str as UTF-8) to `path` through atomic_path."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 

@@ -14,7 +14,8 @@ once and counts padded rows: its numbers are printed for reference only); and th
 a step takes at least max(flops / peak FLOP/s, bytes / HBM bandwidth) on every chip.
 
 A program that does not fit makes the compiler raise RESOURCE_EXHAUSTED: the planner prints
-"does not fit: needs X GiB per chip (HBM Y GiB)" and exits with status 1.
+"does not fit: needs X GiB per chip (HBM Y GiB)" and exits with status 1 (an answer, not a mistake). Bad input
+prints one `error: ...` line and exits with 2.
 
 Modes: "decode" one decode step for --batch rows against a KV cache of --seq slots (cache donated; its layout
 left to the compiler, which otherwise copies it); "prefill" --batch x --seq prompt tokens written into a cache of
@@ -23,7 +24,6 @@ left to the compiler, which otherwise copies it); "prefill" --batch x --seq prom
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,6 +34,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from dots_jax import cli, files
+from dots_jax.errors import UserError
 
 GiB = 1024**3
 
@@ -57,7 +60,7 @@ CHIPS: dict[str, Chip] = {
 MODES = ("decode", "prefill", "train")
 
 
-class PlanError(Exception):
+class PlanError(UserError):
     """A bad argument: the message says what to change."""
 
 
@@ -273,6 +276,15 @@ def _split_physical_mesh(mesh_spec: str, devices):
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def _mesh(mesh_spec: str, devices):
+    from dots_jax.parallel.sharding import make_mesh
+
+    try:
+        return make_mesh(mesh_spec, devices=devices)
+    except NotImplementedError:  # jax.make_mesh maps each mesh axis onto whole physical torus axes
+        return _split_physical_mesh(mesh_spec, devices)
+
+
 def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
          auto_layout: bool = True) -> dict[str, Any]:
     """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
@@ -288,7 +300,7 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     from jax.experimental import topologies
 
     from dots_jax.config import Dots1Config, preset
-    from dots_jax.parallel.sharding import check_shardable, make_mesh, parse_mesh_spec
+    from dots_jax.parallel.sharding import check_shardable, parse_mesh_spec
 
     if isinstance(config, Dots1Config):
         cfg, config = config, "custom config"
@@ -301,13 +313,10 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     except Exception as e:  # noqa: BLE001 - libtpu's message is the useful part
         raise PlanError(f"--topology {topology!r}: {e}") from None
     try:
-        mesh = make_mesh(mesh_spec, devices=devices)
+        mesh = _mesh(mesh_spec, devices)
         check_shardable(cfg, mesh)
     except ValueError as e:
         raise PlanError(f"--mesh {mesh_spec!r}: {e}") from None
-    except NotImplementedError:  # jax.make_mesh maps each mesh axis onto whole physical torus axes
-        mesh = _split_physical_mesh(mesh_spec, devices)
-        check_shardable(cfg, mesh)
     shape = parse_mesh_spec(mesh_spec)
     arith = step_arithmetic(cfg, mode, batch, seq, shape)
     report: dict[str, Any] = {
@@ -412,8 +421,8 @@ TABLE_HEADER = ("| slice | mesh | mode | batch x seq | weights GiB/chip | KV cac
                 "| total GiB/chip (compiler) / HBM | roofline tokens/s |\n|---|---|---|---|---|---|---|---|")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dots_jax.plan", description=__doc__.split("\n\n")[0])
+def _main(argv: Sequence[str] | None) -> int:
+    p = cli.Parser(prog="python -m dots_jax.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:8x8, v6e:8x8")
     p.add_argument("--mesh", required=True, help="mesh axes, e.g. expert=16,fsdp=4 (data, fsdp, expert, tensor)")
     p.add_argument("--batch", type=int, default=64)
@@ -423,17 +432,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-auto-layout", action="store_true", help="keep the KV cache's default layout")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
-    try:
-        report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
-                      auto_layout=not args.no_auto_layout)
-    except PlanError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
+                  auto_layout=not args.no_auto_layout)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if report["fits"] else 1
+        files.write_atomic(args.json, json.dumps(report, indent=2) + "\n")
+    return 0 if report["fits"] else 1  # "does not fit" is the plan's answer, not bad input
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m dots_jax.plan ...`; returns the exit code (1: does not fit; 2: bad input, one `error:` line)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
