@@ -5,35 +5,35 @@
 Writes safetensors shards (model-0000i-of-0000n.safetensors + model.safetensors.index.json, or one
 model.safetensors when everything fits one shard) with transformers' per-expert tensor names, each tensor in the
 dtype the original HF checkpoint stored it in (recorded in the manifest), plus config.json and the tokenizer
-files. The names and layouts come from checkpoint.export_entries, the one inverse of hf_weights.KEY_TABLE.
-Every parameter read back is checked against the manifest's sha256 first. Unit by unit: peak memory is about
+files. The names and layouts come from weights.hf.export_entries, the one inverse of the key table
+(dots_jax/weights/keys.py). Every parameter read back is checked against the manifest's sha256 first
+(weights.converted.read_param). Unit by unit: peak memory is about
 one shard plus one layer. Written to <DST>.tmp-jax_to_hf and renamed to DST when complete.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import os
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # host work: never claim an accelerator
+import ml_dtypes
+import numpy as np
+from etils import epath
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
-
-import numpy as np  # noqa: E402
-from etils import epath  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from convert.hf_to_jax import USER_ERRORS, DestinationError, refuse_overlap, sha256  # noqa: E402
-from dots_jax.config import Dots1Config  # noqa: E402
-from dots_jax.training.checkpoint import ExportEntry, export_entries  # noqa: E402
-from dots_jax.weights import converted  # noqa: E402
-from dots_jax.weights.hf import INDEX_FILE, SINGLE_FILE, CheckpointError  # noqa: E402
-from dots_jax.weights.safetensors_io import save_file  # noqa: E402
+from convert import cpu_only, refuse_overlap
+from dots_jax import cli
+from dots_jax.config import Dots1Config
+from dots_jax.weights import converted
+from dots_jax.weights.converted import DestinationError
+from dots_jax.weights.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, ExportEntry, export_entries
+from dots_jax.weights.safetensors_io import save_file
 
 WORK_SUFFIX = ".tmp-jax_to_hf"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -60,22 +60,15 @@ def plan_export(manifest: dict[str, Any], cfg: Dots1Config) -> list[Planned]:
     """Every HF tensor to write, grouped by unit in conversion order (so each unit is read once)."""
     by_unit: dict[str, list[Planned]] = {}
     for entry in export_entries(cfg):
-        unit = converted.unit_name(entry.layer)
-        param = ".".join(entry.path if entry.layer is None else entry.path[1:])
+        unit, param = converted.place(entry.path, entry.layer)
         info = manifest["units"].get(unit, {}).get("params", {}).get(param)
         if info is None:
             raise CheckpointError(f"converted checkpoint lacks {unit}/{param}, needed for {entry.name!r}")
         slot = entry.index[1:] if entry.layer is not None else ()
-        dtype = np.dtype(info["hf_dtype"]) if info["hf_dtype"] != "bfloat16" else _bf16()
+        dtype = np.dtype(info["hf_dtype"]) if info["hf_dtype"] != "bfloat16" else np.dtype(ml_dtypes.bfloat16)
         size = int(np.prod(info["shape"][len(slot):], dtype=np.int64)) * dtype.itemsize
         by_unit.setdefault(unit, []).append(Planned(entry, unit, param, slot, dtype, size))
     return [p for unit in manifest["unit_order"] for p in by_unit.get(unit, [])]
-
-
-def _bf16() -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 def assign_shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
@@ -97,18 +90,6 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def read_param(root: epath.Path, unit: str, param: str, info: dict[str, Any]) -> np.ndarray:
-    """One per-layer parameter as numpy, checked against the manifest's sha256."""
-    item = converted.item_path(root, unit, param)
-    try:
-        array = np.asarray(converted.checkpointer().restore(item)["value"])
-    except FileNotFoundError:
-        raise CheckpointError(f"{item}: missing from the converted checkpoint") from None
-    if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"] or sha256(array) != info["sha256"]:
-        raise CheckpointError(f"{item}: does not match its manifest entry (shape, dtype or sha256): corrupt")
-    return array
-
-
 def tensors_in_order(root: epath.Path, manifest: dict[str, Any], cfg: Dots1Config, planned: list[Planned]
                      ) -> Iterator[tuple[Planned, np.ndarray]]:
     """(plan, HF tensor) for every planned tensor in order, reading each unit's parameters once."""
@@ -119,7 +100,7 @@ def tensors_in_order(root: epath.Path, manifest: dict[str, Any], cfg: Dots1Confi
             loaded.clear()  # the previous unit is done: free it
             current = p.unit
         if p.param not in loaded:
-            loaded[p.param] = read_param(root, p.unit, p.param, manifest["units"][p.unit]["params"][p.param])
+            loaded[p.param] = converted.read_param(root, p.unit, p.param, manifest["units"][p.unit]["params"][p.param])
         ours = loaded[p.param][p.slot] if p.slot else loaded[p.param]
         yield p, p.entry.to_hf(ours, cfg).astype(p.dtype, copy=False)
 
@@ -131,7 +112,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: i
     if "://" not in os.fspath(src):
         refuse_overlap(root, out, work)
     manifest = converted.read_manifest(root)
-    cfg = Dots1Config.from_hf(json.loads((root / "config.json").read_text()))
+    cfg = converted.read_config(root)
     if out.exists() and any(True for _ in out.iterdir()) and not overwrite:
         raise DestinationError(f"destination {out} exists and is not empty: pass --overwrite to replace it")
     planned = plan_export(manifest, cfg)
@@ -167,8 +148,8 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: i
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def build_parser() -> cli.Parser:
+    parser = cli.Parser(
         prog="python -m convert.jax_to_hf",
         description="Export a converted dots_jax checkpoint as an HF dots.llm1 checkpoint (safetensors shards "
                     "with per-expert names and the original dtypes, index, config.json, tokenizer files) that "
@@ -179,17 +160,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest shard, e.g. 5GB (default), 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    try:
-        out = export(args.src, args.dst, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                     progress=not args.no_progress)
-    except USER_ERRORS as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return parser
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    cpu_only()
+    out = export(args.src, args.dst, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                 progress=not args.no_progress)
     shards = [p for p in out.iterdir() if p.name.endswith(".safetensors")]
     size = sum(p.stat().length for p in shards)
     print(f"wrote {out}: {len(shards)} safetensors shard{'s' * (len(shards) > 1)}, {size / 2**30:.2f} GiB")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m convert.jax_to_hf ...`; returns the exit code (2 for bad input, with one `error:` line)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def expert_load_plot() -> None:
     from dots_jax.demo import DEMO_MODEL_DIR, EVAL_FRACTION, SEQ_LEN, stdlib_glob
     from dots_jax.inference.tokenizer import Tokenizer
     from dots_jax.training.data import load_tokens, split_eval
-    from dots_jax.weights.hf import from_pretrained
+    from dots_jax.weights import from_pretrained
 
     tokens = load_tokens(stdlib_glob(), Tokenizer.from_dir(DEMO_MODEL_DIR))
     _, held = split_eval(tokens, EVAL_FRACTION, SEQ_LEN)

@@ -11,7 +11,7 @@ from dots_jax.config import ConfigError, Dots1Config
 from dots_jax.inference.generate import generate
 from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.model.modeling import Dots1ForCausalLM
-from dots_jax.weights.converted import from_pretrained
+from dots_jax.weights import from_pretrained
 from dots_jax.weights.hf import CheckpointError
 
 __all__ = ["CheckpointError", "ConfigError", "Dots1Config", "Dots1ForCausalLM", "Tokenizer", "from_pretrained",

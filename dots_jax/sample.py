@@ -40,7 +40,7 @@ from dots_jax.ops.gmm import BACKENDS
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.padding import pad_for_mesh
 from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
-from dots_jax.weights.converted import from_pretrained  # HF directories, repo ids and converted checkpoints
+from dots_jax.weights import from_pretrained  # HF directories, repo ids and converted checkpoints
 from dots_jax.weights.hf import CheckpointError, resolve
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

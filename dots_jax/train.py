@@ -39,7 +39,8 @@ from dots_jax.training.data import (
     split_eval,
 )
 from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
-from dots_jax.weights.hf import CheckpointError, from_pretrained, resolve
+from dots_jax.weights import from_pretrained, load_config
+from dots_jax.weights.hf import CheckpointError, tokenizer_files
 
 CLI_USAGE = """\
 python -m dots_jax.train: train or fine-tune a dots1 model on text files.
@@ -62,7 +63,6 @@ line and exits with 2.
 """
 
 _CLI_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-_TOKENIZER_FILES = ("chat_template.jinja", "special_tokens_map.json", "vocab.json", "merges.txt")
 
 
 class CliError(Exception):
@@ -81,7 +81,8 @@ def _cli_parser() -> argparse.ArgumentParser:
                    help="model config: a preset name from configs/ (e.g. tiny) or an HF config.json (or its "
                         "directory). Not needed with --init or --resume, which carry their own.")
     p.add_argument("--init", metavar="DIR_OR_REPO",
-                   help="fine-tune from this HF dots1 checkpoint; default: random init from --seed")
+                   help="fine-tune from this dots1 checkpoint (HF directory or repo id, or a converted dots_jax "
+                        "checkpoint from convert.hf_to_jax); default: random init from --seed")
     p.add_argument("--data", required=True, metavar="PATH",
                    help="training text: a file, a directory (its *.txt and *.py files) or a glob pattern")
     p.add_argument("--tokenizer", metavar="DIR",
@@ -171,7 +172,7 @@ def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dot
     if resume_meta is not None:
         cfg, source = Dots1Config.from_hf(resume_meta["model_config"]), "the checkpoint's"
     elif args.init is not None:
-        cfg, source = Dots1Config.from_hf(resolve(args.init)), f"--init {args.init}'s"
+        cfg, source = load_config(args.init), f"--init {args.init}'s"
     elif given is not None:
         return given
     else:
@@ -189,8 +190,7 @@ def _cli_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, l
             tokenizer = Tokenizer.from_dir(args.tokenizer)
         except (OSError, ValueError) as e:
             raise CliError(f"--tokenizer: {e}") from None
-        files = sorted(p for p in Path(args.tokenizer).expanduser().iterdir()
-                       if p.is_file() and (p.name.startswith("tokenizer") or p.name in _TOKENIZER_FILES))
+        files = tokenizer_files(args.tokenizer)
     elif cfg.vocab_size < BYTE_VOCAB:
         raise CliError(f"byte-level data (no --tokenizer) needs a vocabulary of >= {BYTE_VOCAB}; the model has "
                        f"{cfg.vocab_size}")

@@ -26,6 +26,7 @@ from dots_jax.model.modeling import Dots1ForCausalLM, RouterBias
 from dots_jax.training import checkpoint
 from dots_jax.training.data import TokenStream
 from dots_jax.training.step import TrainConfig, TrainState, init_state, jit_train_step
+from dots_jax.weights.hf import export_hf
 from dots_jax.weights.safetensors_io import SafetensorsFile
 
 N = 3  # steps before and after the interruption
@@ -156,7 +157,7 @@ def exported(tmp_path_factory) -> tuple[Dots1ForCausalLM, Path]:
     model = numpy_model(7, std=0.1, norm_range=(0.5, 1.5), bias_std=0.05)
     extra = tmp_path_factory.mktemp("tok") / "tokenizer_config.json"
     extra.write_text("{}")
-    return model, checkpoint.export_hf(model, tmp_path_factory.mktemp("export") / "hf", extra_files=[extra])
+    return model, export_hf(model, tmp_path_factory.mktemp("export") / "hf", extra_files=[extra])
 
 
 def test_export_layout(exported):
@@ -198,7 +199,7 @@ def test_export_writes_what_transformers_writes(overrides: dict, tmp_path: Path)
     """A checkpoint saved by transformers (per-expert layout), loaded and exported again: the same tensor names and
     the same bytes, for the optional attention biases and tied embeddings too."""
     reference = save(hf_model(hf_config(**overrides), bias_std=0.05), tmp_path / "ref")
-    exported = checkpoint.export_hf(from_pretrained(reference, progress=False), tmp_path / "ours")
+    exported = export_hf(from_pretrained(reference, progress=False), tmp_path / "ours")
     theirs, ours = SafetensorsFile(reference / "model.safetensors"), SafetensorsFile(exported / "model.safetensors")
     assert sorted(ours) == sorted(theirs)
     for name in theirs:

@@ -282,6 +282,32 @@ def test_train_init_first_loss_is_transformers_loss(checkpoint, tmp_path):
     np.testing.assert_allclose(first["loss"], ce + 0.25 * balance, rtol=1e-5)
 
 
+def test_train_init_takes_a_converted_checkpoint(checkpoint, tmp_path):
+    """--init and --tokenizer take a converted checkpoint (convert.hf_to_jax) as well as the HF directory: the first
+    step's cross-entropy is transformers' on the same batch (the run above, from the converted copy), and the
+    exported model carries the tokenizer."""
+    from convert import hf_to_jax
+    from dots_jax.train import main
+
+    directory, ref, tokenizer = checkpoint
+    code, _, err = run_cli(hf_to_jax.main, ["--src", str(directory), "--dst", str(tmp_path / "jax"), "--no-progress"])
+    assert code == 0, err
+    text = "the router sends each token to the experts it scores highest, and the bias keeps the load even"
+    (tmp_path / "data.txt").write_text(text)
+    stream = tokenizer.encode(text) + [tokenizer.eos_token_id]
+    seq = (len(stream) - 1) // 2
+    ids = np.asarray([stream[:seq + 1], stream[seq:2 * seq + 1]])
+    code, _, err = run_cli(main, ["--init", str(tmp_path / "jax"), "--tokenizer", str(tmp_path / "jax"), "--data",
+                                  str(tmp_path / "data.txt"), "--steps", "1", "--batch", "2", "--seq-len", str(seq),
+                                  "--eval-fraction", "0", "--balance-loss-coef", "0.25", "--moe-backend", "gather",
+                                  "--out", str(tmp_path / "out")])
+    assert code == 0, err
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    logits, _ = router_inputs(ref, ids)
+    np.testing.assert_allclose(first["ce"], cross_entropy_numpy(logits, ids), rtol=1e-5)
+    assert (tmp_path / "out" / "hf" / "tokenizer.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------- convert --dtype
 def test_convert_dtype_writes_the_source_cast_to_it(checkpoint, tmp_path):
     """From the float32 checkpoint: every item written has --dtype (the router's correction bias excepted: f32

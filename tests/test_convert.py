@@ -44,9 +44,7 @@ def _convert(src: Path, dst: Path, *extra: str) -> tuple[int, str, str]:
 
 
 def _cli_env() -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-    env.pop(hf_to_jax.PAUSE_ENV, None)
-    return env
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
 
 
 @pytest.fixture(scope="module")
@@ -131,19 +129,41 @@ def _item_stamps(root: Path, units: list[str]) -> dict[str, int]:
             for p in (root / "units" / u).rglob("*")}
 
 
+# The converter's CLI, stopped (asleep) right after it has recorded its 2nd unit in the manifest, so that a test can
+# SIGKILL it at a known point.
+PAUSED_CONVERTER = textwrap.dedent("""
+    import sys, time
+    from convert import hf_to_jax
+    from dots_jax.weights import converted
+
+    record, recorded = converted.record_unit, []
+
+    def record_then_pause(*args, **kwargs):
+        record(*args, **kwargs)
+        recorded.append(args[2])
+        if len(recorded) == 2:
+            print("paused after 2 units", flush=True)
+            time.sleep(3600)
+
+    converted.record_unit = record_then_pause
+    sys.exit(hf_to_jax.main(sys.argv[1:]))
+""")
+
+
 def test_sigkill_then_resume_skips_done_units_and_matches(source, converted_dir, tmp_path):
     src, dst = source[0], tmp_path / "out"
-    work = tmp_path / ("out" + hf_to_jax.WORK_SUFFIX)
-    cmd = [sys.executable, "-m", "convert.hf_to_jax", "--src", str(src), "--dst", str(dst), "--no-progress"]
-    proc = subprocess.Popen(cmd, env={**_cli_env(), hf_to_jax.PAUSE_ENV: "2"}, cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
+    work = tmp_path / ("out" + converted.WORK_SUFFIX)
+    args = ["--src", str(src), "--dst", str(dst), "--no-progress"]
+    cmd = [sys.executable, "-m", "convert.hf_to_jax", *args]
+    proc = subprocess.Popen([sys.executable, "-c", PAUSED_CONVERTER, *args], env=_cli_env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     # Reading stdout blocks until a line or EOF: a converter that never pauses (or hangs) is killed by this
     # watchdog, which ends the read with EOF instead of hanging the suite.
     watchdog = threading.Timer(120, proc.kill)
     watchdog.start()
     paused = False
     try:
-        for line in proc.stdout:  # the test hook: the converter stops after its 2nd unit and says so
+        for line in proc.stdout:  # PAUSED_CONVERTER stops after its 2nd unit and says so
             if "paused after 2 units" in line:
                 paused = True
                 break

@@ -17,7 +17,7 @@ import transformers
 from conftest import run_cli, torch_one_thread
 
 from dots_jax.demo import DEMO_MODEL_DIR, main
-from dots_jax.weights.hf import from_pretrained
+from dots_jax.weights import from_pretrained
 
 MAX_SHIPPED_BYTES = 20 * 2**20
 

@@ -1,4 +1,6 @@
-"""Converted dots_jax checkpoints (written by `python -m convert.hf_to_jax`): layout, manifest, restore on a mesh.
+"""The converted dots_jax checkpoint format, read and written here: layout, manifest, unit writing and the work
+directory's resume bookkeeping (used by `python -m convert.hf_to_jax`), reading parameters back (convert.jax_to_hf)
+and restoring the model straight onto a mesh (load_converted).
 
 A converted checkpoint is a directory (local, or any path Orbax/tensorstore accepts, e.g. gs://):
   config.json, tokenizer files   copied verbatim from the HF checkpoint
@@ -11,14 +13,20 @@ Units are the conversion's steps: "top" (embed_tokens, norm, lm_head) and "layer
 
 One item per parameter (not per layer) keeps the converter's peak memory at one parameter, which for the
 released model is at most ~1.5 GB (128 experts x 4096 x 1408 in bf16), where a whole MoE layer is ~4.4 GB.
+
+Writing goes to <DST>.tmp-hf_to_jax, renamed to DST when complete, so DST never holds half a checkpoint. Each unit
+is written to <unit>.partial, renamed, and then recorded in the manifest: a resumed conversion skips the recorded
+units.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -32,17 +40,23 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
+from dots_jax.errors import UserError
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
+from dots_jax.parallel.sharding import param_shardings
 from dots_jax.weights.hf import CheckpointError
+from dots_jax.weights.keys import STACKS, StatePath, stack_layers
 
 FORMAT = "dots_jax.weights.converted"
 VERSION = 1
 MANIFEST = "manifest.json"
 UNITS = "units"
 TOP = "top"
-STACKS = ("dense_layers", "moe_layers")
+WORK_SUFFIX = ".tmp-hf_to_jax"  # the work directory beside DST while a conversion runs
+CHUNK_BYTES = 64 * 1024 * 1024  # Orbax chunk size: a host restoring its shard reads ~only its own chunks
 
-StatePath = tuple[str, ...]
+
+class DestinationError(UserError):
+    """DST (or an interrupted conversion beside it) is in the way; the message says which flag to pass."""
 
 
 # ------------------------------------------------------------------------------------------------ layout
@@ -50,14 +64,18 @@ def unit_name(layer: int | None) -> str:
     return TOP if layer is None else f"layer_{layer:03d}"
 
 
+def place(path: StatePath, layer: int | None) -> tuple[str, str]:
+    """(unit, param name in the unit) of the slice of model-state parameter `path` that belongs to HF layer
+    `layer` (None: a top-level parameter, stored whole)."""
+    return unit_name(layer), ".".join(path if layer is None else path[1:])
+
+
 def locate(path: StatePath, cfg: Dots1Config) -> list[tuple[str, str, int | None]]:
     """Where a model-state parameter lives on disk: [(unit, param name in the unit, index in its layer stack)],
     one entry per layer for stacked parameters, in stack order; [(TOP, name, None)] for the others."""
     if path[0] not in STACKS:
-        return [(TOP, ".".join(path), None)]
-    first, count = (0, cfg.num_dense_layers) if path[0] == "dense_layers" else (cfg.first_k_dense_replace,
-                                                                               cfg.num_moe_layers)
-    return [(unit_name(first + i), ".".join(path[1:]), i) for i in range(count)]
+        return [(*place(path, None), None)]
+    return [(*place(path, layer), i) for i, layer in enumerate(stack_layers(path[0], cfg))]
 
 
 def item_path(root: epath.Path, unit: str, param: str) -> epath.Path:
@@ -95,6 +113,10 @@ def read_manifest(root: epath.Path) -> dict[str, Any]:
     if not manifest.get("complete"):
         raise CheckpointError(f"{path}: the conversion did not finish (rerun hf_to_jax with --resume)")
     return manifest
+
+
+def read_config(root: epath.Path) -> Dots1Config:
+    return Dots1Config.from_hf(json.loads((root / "config.json").read_text()))
 
 
 def checkpointer() -> ocp.Checkpointer:
@@ -155,16 +177,14 @@ def shardings_for(state: nnx.State, mesh: Mesh | None) -> dict[StatePath, jax.sh
     if mesh is None:
         device = SingleDeviceSharding(jax.local_devices()[0])
         return dict.fromkeys(flat, device)
-    from dots_jax.parallel.sharding import param_shardings
-
     shardings = param_shardings(state, mesh)
     leaves = jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     by_key = {tuple(str(getattr(k, "key", k)) for k in path): s for path, s in leaves}
     return {path: by_key[tuple(str(p) for p in path)] for path in flat}
 
 
-def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-         param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
+def load_converted(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+                   param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
     """Restore a converted checkpoint with every parameter placed straight into its sharding on `mesh`.
 
     Each layer's item is restored into its device slices (Orbax/tensorstore read only the chunks a host's
@@ -173,7 +193,7 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.
     """
     root = as_path(path)
     manifest = read_manifest(root)
-    cfg = Dots1Config.from_hf(json.loads((root / "config.json").read_text()))
+    cfg = read_config(root)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
@@ -200,25 +220,122 @@ def _restore_param(ckptr: ocp.Checkpointer, root: epath.Path, path: StatePath, a
     return stacked
 
 
-# ---------------------------------------------------------------------------------------- the one entry
-def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-                    param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
-    """Load dots.llm1 from a converted dots_jax checkpoint (a directory with manifest.json, restored straight
-    into its shardings), or from an HF checkpoint (local directory or repo id; see hf_weights.from_pretrained).
+# ------------------------------------------------------------------------------------------------- reading
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))).hexdigest()
 
-    mesh: place every parameter by the sharding table (dots_jax.parallel.sharding); None = one device. An HF checkpoint
-    is read on the host and then placed, so a whole-model host copy exists there: convert it first for meshes.
-    """
-    if is_converted(path):
-        return load(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                    progress=progress)
-    from dots_jax.weights import hf as hf_weights
 
-    model = hf_weights.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                                       progress=progress)
-    if mesh is not None:
-        from dots_jax.parallel.sharding import shard_state
+def read_param(root: epath.Path, unit: str, param: str, info: dict[str, Any]) -> np.ndarray:
+    """One per-layer parameter as numpy on the host, checked against its manifest entry `info` (shape, dtype,
+    sha256)."""
+    item = item_path(root, unit, param)
+    try:
+        array = np.asarray(checkpointer().restore(item)["value"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{item}: missing from the converted checkpoint") from None
+    if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"] or sha256(array) != info["sha256"]:
+        raise CheckpointError(f"{item}: does not match its manifest entry (shape, dtype or sha256): corrupt")
+    return array
 
-        nnx.update(model, shard_state(nnx.state(model), mesh))
-    return model
 
+# ------------------------------------------------------------------------------------------------- writing
+def new_manifest(source: dict[str, Any], dtype: str | None, unit_order: list[str]) -> dict[str, Any]:
+    """The manifest of a conversion about to start: no unit written yet, not complete."""
+    return {"format": FORMAT, "version": VERSION, "complete": False, "source": source, "dtype": dtype,
+            "unit_order": unit_order, "units": {}, "extra_files": []}
+
+
+def write_manifest(root: epath.Path, manifest: dict[str, Any]) -> None:
+    """Atomically (temporary name, then rename; epath, so remote DSTs too): an interruption never leaves half a
+    manifest."""
+    path = root / MANIFEST
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    tmp.replace(path)
+
+
+class UnitWriter:
+    """Saves one unit's parameters, one Orbax item each, and collects the unit's manifest entry."""
+
+    def __init__(self, directory: epath.Path) -> None:
+        self.directory = directory
+        self.entry: dict[str, Any] = {"params": {}}
+        self._checkpointer = checkpointer()
+
+    def save(self, name: str, array: np.ndarray, **info: Any) -> None:
+        """Write parameter `name` of the unit; `info` (e.g. the HF dtype) goes into its manifest entry."""
+        self.entry["params"][name] = {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": sha256(array),
+                                      **info}
+        args = ocp.args.StandardSave({"value": array}, save_args={"value": ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES)})
+        self._checkpointer.save(self.directory / name, args=args)
+
+
+@contextlib.contextmanager
+def write_unit(work: epath.Path, unit: str) -> Iterator[UnitWriter]:
+    """A UnitWriter into <unit>.partial, renamed to <unit> when the block completes. A leftover .partial (or an
+    unrecorded <unit>) from an interrupted run is discarded first. The unit counts as done only once
+    record_unit has put it in the manifest."""
+    partial = work / UNITS / f"{unit}.partial"
+    final = work / UNITS / unit
+    for stale in (partial, final):
+        if stale.exists():
+            stale.rmtree()
+    partial.mkdir(parents=True)
+    yield UnitWriter(partial)
+    partial.rename(final)
+
+
+def record_unit(work: epath.Path, manifest: dict[str, Any], unit: str, entry: dict[str, Any]) -> None:
+    """Put a written unit in the manifest on disk: from here on a resumed conversion skips it."""
+    manifest["units"][unit] = entry
+    write_manifest(work, manifest)
+
+
+def work_dir(dst: epath.Path) -> epath.Path:
+    return dst.parent / (dst.name + WORK_SUFFIX)
+
+
+def _is_nonempty(path: epath.Path) -> bool:
+    return path.exists() and (not path.is_dir() or any(True for _ in path.iterdir()))
+
+
+def check_destination(dst: epath.Path, resume: bool, overwrite: bool) -> bool:
+    """Raise DestinationError when DST or an interrupted conversion is in the way; False when --resume finds DST
+    already complete (nothing to do)."""
+    work = work_dir(dst)
+    if _is_nonempty(dst) and not overwrite:
+        if resume and (dst / MANIFEST).exists() and not work.exists():
+            read_manifest(dst)  # complete? (raises if not)
+            return False
+        raise DestinationError(f"destination {dst} exists and is not empty: pass --overwrite to replace it"
+                               + (" (--resume only continues an interrupted conversion)" if resume else ""))
+    if work.exists() and not (resume or overwrite):
+        raise DestinationError(f"{work} holds an interrupted conversion: pass --resume to continue it, or "
+                               "--overwrite to start again")
+    return True
+
+
+def start_or_resume(work: epath.Path, manifest: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The manifest to continue from: the interrupted one under --resume (if it is the same conversion), else
+    `manifest` in a fresh work directory."""
+    if work.exists() and resume and (work / MANIFEST).exists():
+        old = json.loads((work / MANIFEST).read_text())
+        for field in ("source", "dtype", "unit_order"):
+            if old.get(field) != manifest[field]:
+                raise DestinationError(f"{work} holds an interrupted conversion with a different {field} "
+                                       f"({old.get(field)!r}); pass --overwrite to start again")
+        return old
+    if work.exists():
+        work.rmtree()
+    work.mkdir(parents=True)
+    write_manifest(work, manifest)
+    return manifest
+
+
+def finish(work: epath.Path, dst: epath.Path, manifest: dict[str, Any]) -> None:
+    """Mark the manifest complete and move the work directory to DST (replacing an empty or --overwrite DST)."""
+    manifest["complete"] = True
+    write_manifest(work, manifest)
+    if dst.exists():
+        dst.rmtree() if dst.is_dir() else dst.unlink()
+    work.rename(dst)

@@ -1,19 +1,24 @@
-"""Load Hugging Face dots.llm1 checkpoints (safetensors) into Dots1ForCausalLM through ONE key table.
+"""The Hugging Face dots.llm1 format (safetensors + config.json), read and written through the ONE key table
+(weights/keys.py).
 
-Every checkpoint tensor must match exactly one rule, have the shape config.json implies, and fill target slots
-that nothing else fills; every slot must be filled. Tensors are read one at a time from memory-mapped files and
-written in place into preallocated (donated) device buffers: peak memory is the model plus one tensor.
+Reading (load_hf): every checkpoint tensor must match exactly one rule, have the shape config.json implies, and
+fill target slots that nothing else fills; every slot must be filled. Tensors are read one at a time from
+memory-mapped files and written in place into preallocated (donated) device buffers: peak memory is the model plus
+one tensor.
+
+Writing (export_hf, and convert.jax_to_hf through export_entries): transformers' per-expert tensor names, each
+tensor put back through the table's inverse layout and checked against its forward one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import functools
 import json
-import math
 import os
-import re
-from collections.abc import Callable
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -24,123 +29,58 @@ from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
+from dots_jax.files import atomic_path
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
-from dots_jax.weights.safetensors_io import SafetensorsFile
+from dots_jax.weights.keys import (
+    DENSE,
+    KEY_TABLE,
+    LM_HEAD,
+    MOE,
+    STACKS,
+    Rule,
+    StatePath,
+    dim,
+    rule_layers,
+    stack_layers,
+    target,
+)
+from dots_jax.weights.safetensors_io import SafetensorsFile, save_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-HF_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, "tokenizer*",
-                    "chat_template.jinja", "vocab.json", "merges.txt", "special_tokens_map.json"]
+# The files of an HF checkpoint that make up its tokenizer (and chat template), as glob patterns: fetched from the
+# Hub, copied by the converters and shipped beside a trained model.
+TOKENIZER_FILES = ("tokenizer*", "chat_template.jinja", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
+HF_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", INDEX_FILE, *TOKENIZER_FILES]
 
 
 class CheckpointError(UserError):
     """A checkpoint that does not fit its config.json: the message names the tensor, file or field."""
 
 
-Transform = Callable[[np.ndarray, Dots1Config], np.ndarray | tuple[np.ndarray, ...]]
-
-
 @dataclasses.dataclass(frozen=True)
-class Rule:
-    hf: str  # HF name template; {layer} and {expert} are integers
-    hf_shape: tuple[str, ...]  # each dim a config field or a product "a*b" of fields
-    layers: str  # which layers hold it: "none" (top level), "all", "dense", "moe"
-    targets: tuple[str, ...]  # our parameter(s), relative to the layer stack for per-layer tensors
-    to_jax: Transform = lambda x, cfg: x  # stored array -> array(s) in our layout, one per target
-
-    @functools.cached_property
-    def pattern(self) -> re.Pattern[str]:
-        escaped = re.escape(self.hf).replace(r"\{layer\}", r"(?P<layer>\d+)").replace(r"\{expert\}", r"(?P<expert>\d+)")
-        return re.compile(escaped + "$")
-
-
-def _linear(x: np.ndarray, cfg: Dots1Config) -> np.ndarray:  # torch nn.Linear [out, in] -> [in, out]
-    return x.T
-
-
-def _heads_in(x: np.ndarray, cfg: Dots1Config) -> np.ndarray:  # [n*d, H] -> [H, n, d]
-    return x.T.reshape(x.shape[1], -1, cfg.head_dim)
-
-
-def _heads_out(x: np.ndarray, cfg: Dots1Config) -> np.ndarray:  # [H, n*d] -> [n, d, H]
-    return x.T.reshape(-1, cfg.head_dim, x.shape[0])
-
-
-def _heads_bias(x: np.ndarray, cfg: Dots1Config) -> np.ndarray:  # [n*d] -> [n, d]
-    return x.reshape(-1, cfg.head_dim)
-
-
-def _fused_gate_up(x: np.ndarray, cfg: Dots1Config) -> tuple[np.ndarray, np.ndarray]:
-    # transformers 5.x: [E, 2*I, H] with the gate rows first, then up.
-    i = cfg.moe_intermediate_size
-    return x[:, :i, :].transpose(0, 2, 1), x[:, i:, :].transpose(0, 2, 1)
-
-
-def _experts_linear(x: np.ndarray, cfg: Dots1Config) -> np.ndarray:  # [E, out, in] -> [E, in, out]
-    return x.transpose(0, 2, 1)
-
-
-_ATTN = "self_attn"
-H, V, E, I_MOE = "hidden_size", "vocab_size", "n_routed_experts", "moe_intermediate_size"
-Q_OUT, KV_OUT = "num_attention_heads*head_dim", "num_key_value_heads*head_dim"
-
-# The key table: HF tensor -> our parameter(s). Targets under a layer are relative to that layer's stack.
-KEY_TABLE: tuple[Rule, ...] = (
-    Rule("model.embed_tokens.weight", (V, H), "none", ("embed_tokens",)),
-    Rule("model.norm.weight", (H,), "none", ("norm.weight",)),
-    Rule("lm_head.weight", (V, H), "none", ("lm_head",), _linear),
-    Rule("model.layers.{layer}.input_layernorm.weight", (H,), "all", ("input_layernorm.weight",)),
-    Rule("model.layers.{layer}.post_attention_layernorm.weight", (H,), "all",
-         ("post_attention_layernorm.weight",)),
-    Rule("model.layers.{layer}.self_attn.q_proj.weight", (Q_OUT, H), "all", (f"{_ATTN}.q_proj",), _heads_in),
-    Rule("model.layers.{layer}.self_attn.k_proj.weight", (KV_OUT, H), "all", (f"{_ATTN}.k_proj",), _heads_in),
-    Rule("model.layers.{layer}.self_attn.v_proj.weight", (KV_OUT, H), "all", (f"{_ATTN}.v_proj",), _heads_in),
-    Rule("model.layers.{layer}.self_attn.o_proj.weight", (H, Q_OUT), "all", (f"{_ATTN}.o_proj",), _heads_out),
-    Rule("model.layers.{layer}.self_attn.q_proj.bias", (Q_OUT,), "all", (f"{_ATTN}.q_bias",), _heads_bias),
-    Rule("model.layers.{layer}.self_attn.k_proj.bias", (KV_OUT,), "all", (f"{_ATTN}.k_bias",), _heads_bias),
-    Rule("model.layers.{layer}.self_attn.v_proj.bias", (KV_OUT,), "all", (f"{_ATTN}.v_bias",), _heads_bias),
-    Rule("model.layers.{layer}.self_attn.o_proj.bias", (H,), "all", (f"{_ATTN}.o_bias",)),
-    Rule("model.layers.{layer}.self_attn.q_norm.weight", ("head_dim",), "all", (f"{_ATTN}.q_norm.weight",)),
-    Rule("model.layers.{layer}.self_attn.k_norm.weight", ("head_dim",), "all", (f"{_ATTN}.k_norm.weight",)),
-    # Dense SwiGLU (layers < first_k_dense_replace).
-    Rule("model.layers.{layer}.mlp.gate_proj.weight", ("intermediate_size", H), "dense",
-         ("mlp.gate_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.up_proj.weight", ("intermediate_size", H), "dense", ("mlp.up_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.down_proj.weight", (H, "intermediate_size"), "dense",
-         ("mlp.down_proj",), _linear),
-    # MoE: router, correction bias, shared experts, routed experts in either layout.
-    Rule("model.layers.{layer}.mlp.gate.weight", (E, H), "moe", ("mlp.router",), _linear),
-    Rule("model.layers.{layer}.mlp.gate.e_score_correction_bias", (E,), "moe", ("mlp.correction_bias",)),
-    Rule("model.layers.{layer}.mlp.shared_experts.gate_proj.weight", ("shared_intermediate_size", H), "moe",
-         ("mlp.shared_experts.gate_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.shared_experts.up_proj.weight", ("shared_intermediate_size", H), "moe",
-         ("mlp.shared_experts.up_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.shared_experts.down_proj.weight", (H, "shared_intermediate_size"), "moe",
-         ("mlp.shared_experts.down_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight", (I_MOE, H), "moe",
-         ("mlp.gate_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.experts.{expert}.up_proj.weight", (I_MOE, H), "moe", ("mlp.up_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.experts.{expert}.down_proj.weight", (H, I_MOE), "moe",
-         ("mlp.down_proj",), _linear),
-    Rule("model.layers.{layer}.mlp.experts.gate_up_proj", (E, f"2*{I_MOE}", H), "moe",
-         ("mlp.gate_proj", "mlp.up_proj"), _fused_gate_up),
-    Rule("model.layers.{layer}.mlp.experts.down_proj", (E, H, I_MOE), "moe",
-         ("mlp.down_proj",), lambda x, c: x.transpose(0, 2, 1)),
-)
-
-
-def _dim(spec: str, cfg: Dots1Config) -> int:
-    return math.prod(int(part) if part.isdigit() else getattr(cfg, part) for part in spec.split("*"))
-
-
-@dataclasses.dataclass(frozen=True)
-class _Match:
+class Match:
+    """The rule that consumes one HF tensor, and the layer and expert its name gives."""
     rule: Rule
     layer: int | None
     expert: int | None
 
+    def targets(self, cfg: Dots1Config) -> list[tuple[StatePath, tuple[int, ...]]]:
+        """(path in the model state, leading index into that parameter) of each output of the rule, in order."""
+        return [target(name, self.layer, self.expert, cfg) for name in self.rule.targets]
 
-def match_key(key: str, cfg: Dots1Config) -> _Match:
+
+def absent_by_config(rule: Rule, cfg: Dots1Config) -> str | None:
+    """The config.json setting under which a checkpoint has no tensor for `rule`, or None when it has one."""
+    if rule.hf == LM_HEAD and cfg.tie_word_embeddings:
+        return "tie_word_embeddings=true"
+    if rule.is_attention_bias and not cfg.attention_bias:
+        return "attention_bias=false"
+    return None
+
+
+def match_key(key: str, cfg: Dots1Config) -> Match:
     """The rule that consumes `key`, or a CheckpointError saying why none does."""
     for rule in KEY_TABLE:
         m = rule.pattern.match(key)
@@ -152,32 +92,18 @@ def match_key(key: str, cfg: Dots1Config) -> _Match:
             if layer >= cfg.num_hidden_layers:
                 raise CheckpointError(f"tensor {key!r}: layer {layer} but config.json has "
                                       f"num_hidden_layers={cfg.num_hidden_layers}")
-            is_dense = layer < cfg.first_k_dense_replace
-            if (rule.layers == "moe" and is_dense) or (rule.layers == "dense" and not is_dense):
-                kind = "dense" if is_dense else "MoE"
+            if layer not in rule_layers(rule, cfg):
+                kind = "dense" if layer in stack_layers(DENSE, cfg) else "MoE"
                 raise CheckpointError(f"tensor {key!r}: layer {layer} is a {kind} layer by config.json "
                                       f"(first_k_dense_replace={cfg.first_k_dense_replace})")
         if expert is not None and expert >= cfg.n_routed_experts:
             raise CheckpointError(f"tensor {key!r}: expert {expert} but config.json has "
                                   f"n_routed_experts={cfg.n_routed_experts}")
-        if rule.hf == "lm_head.weight" and cfg.tie_word_embeddings:
-            raise CheckpointError(f"tensor {key!r} is present but config.json says tie_word_embeddings=true")
-        if ".bias" in rule.hf and _ATTN in rule.hf and not cfg.attention_bias:
-            raise CheckpointError(f"tensor {key!r} is present but config.json says attention_bias=false")
-        return _Match(rule, layer, expert)
+        setting = absent_by_config(rule, cfg)
+        if setting is not None:
+            raise CheckpointError(f"tensor {key!r} is present but config.json says {setting}")
+        return Match(rule, layer, expert)
     raise CheckpointError(f"unexpected tensor {key!r}: it is not part of a dots1 checkpoint")
-
-
-def _target(match: _Match, name: str, cfg: Dots1Config) -> tuple[tuple[str, ...], tuple[int, ...]]:
-    """(path in the model state, leading index into that parameter) for one output of a rule."""
-    path = tuple(name.split("."))
-    if match.layer is None:
-        return path, ()
-    if match.layer < cfg.first_k_dense_replace:
-        stack, index = "dense_layers", match.layer
-    else:
-        stack, index = "moe_layers", match.layer - cfg.first_k_dense_replace
-    return (stack, *path), (index,) if match.expert is None else (index, match.expert)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -232,14 +158,17 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
         raise CheckpointError(f"{repo}: not a local directory, not in the Hugging Face cache, and {why}: "
                               f"fetch it with network access (hf download {repo}) or pass a local directory"
                               ) from None
-    except HfHubHTTPError as e:  # repository not found, gated, ...: the hub's message, on one line
+    except Exception as e:  # repository not found, gated, an invalid id, ...: the hub's message, on one line
+        if not isinstance(e, HfHubHTTPError) and not type(e).__module__.startswith("huggingface_hub"):
+            raise
         raise CheckpointError(f"{repo}: {' '.join(str(e).split())}") from None
 
 
-def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,
-                    param_dtype: jnp.dtype | type | None = None, moe_backend: str = "auto",
-                    progress: bool = True) -> Dots1ForCausalLM:
-    """Load an HF dots1 checkpoint (local directory or repo id).
+def load_hf(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,
+            param_dtype: jnp.dtype | type | None = None, moe_backend: str = "auto",
+            progress: bool = True) -> Dots1ForCausalLM:
+    """Load an HF dots1 checkpoint (local directory or repo id) onto one device (weights.from_pretrained loads
+    any source, onto a mesh too).
 
     dtype is the activation dtype; param_dtype (default: dtype) the weights' dtype. The router's correction
     bias is kept in f32 whatever they are.
@@ -251,28 +180,27 @@ def from_pretrained(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.fl
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items()}, directory)
-    buffers: dict[tuple[str, ...], jax.Array] = {}
+    buffers: dict[StatePath, jax.Array] = {}
 
     for key, file, m in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
         arrays = m.rule.to_jax(opened[file][key], cfg)
         arrays = arrays if isinstance(arrays, tuple) else (arrays,)
-        for name, value in zip(m.rule.targets, arrays, strict=True):
-            target, index = _target(m, name, cfg)
-            var = flat[target]
-            if target not in buffers:
-                buffers[target] = jnp.zeros(var.get_value().shape, var.get_value().dtype)
+        for (path, index), value in zip(m.targets(cfg), arrays, strict=True):
+            var = flat[path]
+            if path not in buffers:
+                buffers[path] = jnp.zeros(var.get_value().shape, var.get_value().dtype)
             array = np.asarray(value, dtype=var.get_value().dtype)
             if index:
-                buffers[target] = _write(buffers[target], array, jnp.asarray(index, jnp.int32))
+                buffers[path] = _write(buffers[path], array, jnp.asarray(index, jnp.int32))
             else:
-                buffers[target] = jnp.asarray(array)
+                buffers[path] = jnp.asarray(array)
 
     for path, var in flat.items():
         var.set_value(buffers[path])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-Plan = list[tuple[str, Path, _Match]]  # (tensor name, the file holding it, the rule consuming it)
+Plan = list[tuple[str, Path, Match]]  # (tensor name, the file holding it, the rule consuming it)
 
 
 def plan_tensors(directory: Path, cfg: Dots1Config) -> tuple[dict[Path, SafetensorsFile], Plan]:
@@ -286,7 +214,7 @@ def plan_tensors(directory: Path, cfg: Dots1Config) -> tuple[dict[Path, Safetens
         m = match_key(key, cfg)
         if key not in opened[file]:
             raise CheckpointError(f"tensor {key!r} is listed in the index but missing from {file}")
-        stored, expected = opened[file].shape(key), tuple(_dim(d, cfg) for d in m.rule.hf_shape)
+        stored, expected = opened[file].shape(key), tuple(dim(d, cfg) for d in m.rule.hf_shape)
         if stored != expected:
             raise CheckpointError(f"tensor {key!r} in {file.name} has shape {stored}, but config.json implies "
                                   f"{expected} = ({', '.join(m.rule.hf_shape)})")
@@ -295,50 +223,134 @@ def plan_tensors(directory: Path, cfg: Dots1Config) -> tuple[dict[Path, Safetens
 
 
 def check_coverage(plan: Plan, cfg: Dots1Config,
-                   shapes: dict[tuple[str, ...], tuple[int, ...]], directory: Path) -> None:
+                   shapes: dict[StatePath, tuple[int, ...]], directory: Path) -> None:
     """Every slot of every parameter (`shapes`: path in the model state -> shape) filled by exactly one tensor
     of the plan, or a CheckpointError naming the tensor(s): decided from names alone, before reading data."""
-    filled_by: dict[tuple[str, ...], np.ndarray] = {}  # path -> per-slot name of the tensor that fills it
+    filled_by: dict[StatePath, np.ndarray] = {}  # path -> per-slot name of the tensor that fills it
     for key, _, m in plan:
-        for name in m.rule.targets:
-            target, index = _target(m, name, cfg)
-            if target not in shapes:
-                raise CheckpointError(f"tensor {key!r} maps to {'.'.join(target)}, which this config lacks")
-            if target not in filled_by:
-                filled_by[target] = np.full(shapes[target][:_slot_dims(target)], "", dtype=object)
-            owners = filled_by[target][index] if index else filled_by[target]
+        for path, index in m.targets(cfg):
+            if path not in shapes:
+                raise CheckpointError(f"tensor {key!r} maps to {'.'.join(path)}, which this config lacks")
+            if path not in filled_by:
+                filled_by[path] = np.full(shapes[path][:_slot_dims(path)], "", dtype=object)
+            owners = filled_by[path][index] if index else filled_by[path]
             already = [o for o in np.ravel(owners) if o]
             if already:
-                raise CheckpointError(f"tensor {key!r} fills {'.'.join(target)}{list(index)}, already filled by "
+                raise CheckpointError(f"tensor {key!r} fills {'.'.join(path)}{list(index)}, already filled by "
                                       f"{already[0]!r} (two expert layouts mixed?)")
-            filled_by[target][index] = key
+            filled_by[path][index] = key
     missing = [_hf_name(path, slot, cfg) for path in shapes for slot in _empty_slots(path, filled_by, shapes)]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {directory} is missing tensors: {', '.join(missing[:5])}{more}")
 
 
-def _slot_dims(path: tuple[str, ...]) -> int:
+def _slot_dims(path: StatePath) -> int:
     """How many leading dims of a parameter one checkpoint tensor addresses: (layer, expert), (layer) or ()."""
-    if path[0] not in ("dense_layers", "moe_layers"):
+    if path[0] not in STACKS:
         return 0
-    routed = path[0] == "moe_layers" and path[1] == "mlp" and path[-1] in ("gate_proj", "up_proj", "down_proj")
+    routed = path[0] == MOE and path[1] == "mlp" and path[-1] in ("gate_proj", "up_proj", "down_proj")
     return 2 if routed and len(path) == 3 else 1
 
 
-def _empty_slots(path: tuple[str, ...], filled_by: dict, shapes: dict) -> list[tuple[int, ...]]:
+def _empty_slots(path: StatePath, filled_by: dict, shapes: dict) -> list[tuple[int, ...]]:
     if path not in filled_by:
         lead = shapes[path][:_slot_dims(path)]
         return [tuple(s) for s in np.ndindex(*lead)] if lead else [()]
     return [tuple(int(i) for i in s) for s in np.argwhere(filled_by[path] == "")]
 
 
-def _hf_name(path: tuple[str, ...], slot: tuple[int, ...], cfg: Dots1Config) -> str:
+def _hf_name(path: StatePath, slot: tuple[int, ...], cfg: Dots1Config) -> str:
     """The HF name (per-expert layout) of an empty parameter slot, for the error message."""
-    if path[0] in ("dense_layers", "moe_layers"):
-        layer = slot[0] + (cfg.first_k_dense_replace if path[0] == "moe_layers" else 0)
+    if path[0] in STACKS:
+        layer = stack_layers(path[0], cfg)[slot[0]]
         inner = ".".join(path[1:])
         rules = [r for r in KEY_TABLE if inner in r.targets and ("{expert}" in r.hf) == (len(slot) == 2)]
         return rules[0].hf.format(layer=layer, expert=slot[-1]) if rules else f"model.layers.{layer}.{inner}"
     rules = [r for r in KEY_TABLE if ".".join(path) in r.targets]
     return rules[0].hf if rules else ".".join(path)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+@dataclasses.dataclass(frozen=True)
+class ExportEntry:
+    """One tensor of an HF export (per-expert layout): its HF name and where it lives in our model state."""
+    name: str
+    path: StatePath  # our parameter in the model state
+    index: tuple[int, ...]  # leading index into that parameter: (), (layer-in-stack,) or (layer-in-stack, expert)
+    layer: int | None  # the HF layer index (None for the top-level tensors)
+    rule: Rule
+
+    def to_hf(self, ours: np.ndarray, cfg: Dots1Config) -> np.ndarray:
+        """Our slice -> the HF tensor, through the rule's inverse layout; the forward one must give back our array
+        exactly, so a table change whose inverse is wrong fails here rather than exporting garbage."""
+        assert self.rule.layout.to_hf is not None  # export_entries holds only the rules we write
+        tensor = np.ascontiguousarray(self.rule.layout.to_hf(ours, cfg))
+        if not np.array_equal(np.asarray(self.rule.to_jax(tensor, cfg)), ours):
+            raise AssertionError(f"export of {self.name!r} does not invert the key table's layout")
+        return tensor
+
+
+def export_entries(cfg: Dots1Config) -> list[ExportEntry]:
+    """Every tensor an HF export of a model with `cfg` holds, in KEY_TABLE order: the one inverse of the table,
+    shared by export_hf and the converter (convert.jax_to_hf). The read-only layouts (transformers 5.x's fused
+    experts) are left out: the per-expert ones hold the same parameters."""
+    entries = []
+    for rule in KEY_TABLE:
+        if rule.layout.to_hf is None or absent_by_config(rule, cfg) is not None:
+            continue
+        experts = range(cfg.n_routed_experts) if "{expert}" in rule.hf else [None]
+        for layer in rule_layers(rule, cfg):
+            for expert in experts:
+                (path, index), = Match(rule, layer, expert).targets(cfg)
+                entries.append(ExportEntry(rule.hf.format(layer=layer, expert=expert), path, index, layer, rule))
+    return entries
+
+
+def hf_tensors(model: Dots1ForCausalLM) -> dict[str, np.ndarray]:
+    """Every parameter of `model` under its HF name (per-expert layout) in torch's layout and the params' dtype.
+
+    Each tensor is checked against KEY_TABLE's forward layout (ExportEntry.to_hf), and every element of the model
+    must be written exactly once.
+    """
+    cfg = model.cfg
+    flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
+    tensors: dict[str, np.ndarray] = {}
+    written = 0
+    for entry in export_entries(cfg):
+        ours = flat[entry.path][entry.index] if entry.index else flat[entry.path]
+        tensors[entry.name] = entry.to_hf(ours, cfg)
+        written += ours.size
+    total = sum(value.size for value in flat.values())
+    if written != total:
+        raise AssertionError(f"exported {written} of the model's {total} parameter elements")
+    return tensors
+
+
+def export_hf(model: Dots1ForCausalLM, directory: str | os.PathLike, *,
+              extra_files: Sequence[str | os.PathLike] = ()) -> Path:
+    """Write `model` as an HF dots1 checkpoint directory: config.json + model.safetensors (per-expert names), plus
+    copies of `extra_files` (e.g. the tokenizer's). Loadable by from_pretrained and by transformers.
+
+    Written beside `directory` first and renamed into place, so `directory` never holds half an export; an
+    existing `directory` is replaced.
+    """
+    directory = Path(directory)
+    tensors = hf_tensors(model)
+    dtypes = {str(t.dtype) for t in tensors.values()}
+    config = model.cfg.to_hf()
+    # The dtype the weights are stored in (f32 master weights when trained here), as transformers expects.
+    config["torch_dtype"] = dtypes.pop() if len(dtypes) == 1 else "float32"
+    with atomic_path(directory) as tmp:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})
+        for extra in extra_files:
+            shutil.copy2(extra, tmp / Path(extra).name)
+    return directory
+
+
+def tokenizer_files(directory: str | os.PathLike) -> list[Path]:
+    """The tokenizer's files in an HF checkpoint directory (TOKENIZER_FILES), sorted."""
+    return sorted(p for p in Path(directory).expanduser().iterdir()
+                  if p.is_file() and any(fnmatch.fnmatch(p.name, pattern) for pattern in TOKENIZER_FILES))

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from dots_jax.errors import UserError
+from dots_jax.files import atomic_path
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -129,10 +130,8 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
         arrays.append(array)
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for array in arrays:
             f.write(array.tobytes())
-    os.replace(tmp, path)

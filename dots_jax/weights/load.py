@@ -1,0 +1,43 @@
+"""The ONE from_pretrained: dots.llm1 from any source (HF directory, HF repo id, converted checkpoint), on one
+device or placed on a mesh."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from dots_jax.config import Dots1Config
+from dots_jax.model.modeling import Dots1ForCausalLM
+from dots_jax.parallel.sharding import shard_state
+from dots_jax.weights.converted import as_path, is_converted, load_converted, read_config
+from dots_jax.weights.hf import load_hf, resolve
+
+
+def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
+                    param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
+    """Load dots.llm1 from a converted dots_jax checkpoint (a directory with manifest.json, restored straight
+    into its shardings), or from an HF checkpoint (local directory or repo id).
+
+    dtype is the activation dtype, param_dtype (default: dtype) the weights'; the router's correction bias stays
+    f32. mesh: place every parameter by the sharding table (dots_jax.parallel.sharding); None = one device. An HF
+    checkpoint is read on the host and then placed, so a whole-model host copy exists there: convert it first
+    for meshes.
+    """
+    if is_converted(path):
+        return load_converted(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                              progress=progress)
+    model = load_hf(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, progress=progress)
+    if mesh is not None:
+        nnx.update(model, shard_state(nnx.state(model), mesh))
+    return model
+
+
+def load_config(path: str | os.PathLike) -> Dots1Config:
+    """The model config of any source from_pretrained takes, without reading a weight."""
+    if is_converted(path):
+        return read_config(as_path(path))
+    return Dots1Config.from_hf(resolve(path))
