@@ -40,7 +40,7 @@ from dots_jax.training.data import (
 )
 from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
 from dots_jax.weights import from_pretrained, load_config
-from dots_jax.weights.hf import CheckpointError, tokenizer_files
+from dots_jax.weights.hf import CheckpointError, export_hf, tokenizer_files
 
 CLI_USAGE = """\
 python -m dots_jax.train: train or fine-tune a dots1 model on text files.
@@ -463,7 +463,7 @@ def _cli_run(args: argparse.Namespace) -> int:
         return 0
 
     _cli_plot(records, out / "loss_curve.png")
-    hf_dir = checkpoint.export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=tokenizer_files)
+    hf_dir = export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=tokenizer_files)
     last = [r for r in records if "ce" in r][-1]
     last_eval = [r["eval_loss"] for r in records if "eval_loss" in r]
     print(f"step {args.steps}: train loss {last['loss']:.4f}"
