@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
-from dots_jax.ops.gmm import gmm, gmm_loop, loop_row_tile  # noqa: E402
+from dots_jax.ops.cpu_loops import gmm_loop, loop_row_tile  # noqa: E402
+from dots_jax.ops.gmm import gmm  # noqa: E402
 
 # (name, m, g, k, n, routing). m = 6 copies per token (top-6 routing) times the token count.
 # "balanced": group sizes drawn multinomially with equal probabilities; "skewed": Zipf-like probabilities,

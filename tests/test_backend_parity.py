@@ -1,5 +1,5 @@
 """Every MoE dispatch backend's model logits against transformers' (the pinned oracle), not against another of our
-backends: "loop" (on CPU the fused SwiGLU expert loop, moe.expert_ffn -> grouped_matmul.expert_ffn_loop; "auto"
+backends: "loop" (on CPU the fused SwiGLU expert loop, ops.gmm.expert_ffn -> cpu_loops.expert_ffn_loop; "auto"
 picks it here), "gather", "dense", "ragged_dot", and "pallas" (the Mosaic kernel in the Pallas interpreter: in
 f32 on every parity config in tests/test_pallas_gmm.py, in bf16 here). f32 with test_parity's bound; bf16 with
 test_bf16_blocks' model-level bound against transformers' bf16. One tiny released-like checkpoint serves every
@@ -18,7 +18,6 @@ import transformers
 from conftest import random_ids, torch_one_thread
 
 import dots_jax
-from dots_jax.model import moe as moe_module
 from dots_jax.ops import gmm as grouped_matmul
 
 BACKENDS = ["loop", "gather", "dense", "ragged_dot"]
@@ -42,8 +41,8 @@ def record_backends(monkeypatch) -> list[str]:
     """Wrap what the model dispatches to so that the test sees which backend ran: the fused loop for "loop",
     else the gmm backend."""
     calls: list[str] = []
-    fused = moe_module.expert_ffn_loop
-    monkeypatch.setattr(moe_module, "expert_ffn_loop", lambda *a, **kw: calls.append("loop") or fused(*a, **kw))
+    fused = grouped_matmul.expert_ffn_loop
+    monkeypatch.setattr(grouped_matmul, "expert_ffn_loop", lambda *a, **kw: calls.append("loop") or fused(*a, **kw))
     for name, fn in list(grouped_matmul.BACKENDS.items()):
         monkeypatch.setitem(grouped_matmul.BACKENDS, name,
                             lambda *a, name=name, fn=fn: calls.append(name) or fn(*a))

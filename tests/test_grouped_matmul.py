@@ -8,16 +8,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from dots_jax.ops.gmm import (
-    BACKENDS,
-    default_backend,
-    expert_ffn_loop,
-    gmm,
-    gmm_dense,
-    gmm_loop,
-    loop_row_tile,
-    register_backend,
-)
+from dots_jax.ops.cpu_loops import expert_ffn_loop, gmm_loop, loop_row_tile
+from dots_jax.ops.gmm import BACKENDS, default_backend, gmm, gmm_dense, register_backend
 
 BUILTIN_BACKENDS = ["ragged_dot", "dense", "loop", "gather"]
 F32_RTOL = 1e-5
@@ -423,7 +415,7 @@ def test_expert_ffn_loop_bf16_matches_unfused_loop_path() -> None:
     # bf16 against the three-gmm path it replaces (its numerics are pinned to the oracle above and by the gmm
     # tests): both round the same intermediates to bf16, so they differ only where the fused backward keeps a
     # sum in f32 (dx) that the unfused one adds in bf16, and by the order of f32 accumulations. Hence ~1e-2.
-    from dots_jax.model.moe import silu
+    from dots_jax.ops.common import silu
 
     group_sizes, m = [6, 0, 13, 9, 1], 33
     rows, gate, up, down, gs, d_out = make_ffn_inputs(group_sizes, m, hidden=32, inner=24, seed=9)

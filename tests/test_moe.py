@@ -163,16 +163,16 @@ def test_routing_stats_match_numpy():
 def test_expert_ffn_uses_the_fused_loop_for_the_loop_backend(monkeypatch, backend, fused):
     """"loop" (and "auto", which is "loop" on CPU at this size) runs the fused SwiGLU loop; the other backends
     keep the three gmm calls. The values of both paths are checked against numpy above."""
-    import dots_jax.model.moe as moe
+    import dots_jax.ops.gmm as ops_gmm
 
     calls = []
-    fused_loop = moe.expert_ffn_loop
+    fused_loop = ops_gmm.expert_ffn_loop
 
     def recording(*args, **kwargs):
         calls.append(args[0].shape)
         return fused_loop(*args, **kwargs)
 
-    monkeypatch.setattr(moe, "expert_ffn_loop", recording)
+    monkeypatch.setattr(ops_gmm, "expert_ffn_loop", recording)
     a, indices = _inputs(20, seed=3)
     got = moe_experts(a["x"], a["weights"], indices, a["gate"], a["up"], a["down"], backend=backend)
     want = _numpy_moe(a["x"], a["weights"], np.asarray(indices), a["gate"], a["up"], a["down"])

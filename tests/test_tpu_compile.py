@@ -28,7 +28,8 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-16")  # quiets libtpu's start
 
 from jax.experimental import topologies  # noqa: E402
 
-from dots_jax.model.moe import moe_experts, route, silu  # noqa: E402
+from dots_jax.model.moe import moe_experts, route  # noqa: E402
+from dots_jax.ops.common import silu  # noqa: E402
 from pallas_kernels import gmm as pallas_gmm  # noqa: E402
 
 HIDDEN, EXPERT_WIDTH, EXPERTS, TOP_K, SHARED_WIDTH = 4096, 1408, 128, 6, 2816  # dots.llm1

@@ -17,7 +17,8 @@ from flax import nnx
 
 from dots_jax.config import Dots1Config
 from dots_jax.model.cache import KVCache, LayerStackCache
-from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, round_to, route, routing_stats, silu
+from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats
+from dots_jax.ops.common import round_to, silu
 from dots_jax.parallel.sharding import constrain, current_mesh
 
 DType = jnp.dtype | type

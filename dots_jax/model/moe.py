@@ -2,7 +2,7 @@
 
 route():     sigmoid router in f32 with the correction bias used for selection only (DeepSeek-V3 style).
 moe_experts(): sort token copies by expert, grouped matmuls, unsort, weighted combine in f32, one cast.
-The grouped matmul is `grouped_matmul.gmm`, one signature with several backends (see that module).
+The experts run through `ops.gmm.expert_ffn`, one signature over every gmm backend (see that module).
 expert_parallel(): the same under a mesh, in shard_map: each expert shard runs only its own experts, combined
 by a psum (decode, small batches) or by a token exchange (large batches): ragged_all_to_all on TPU and GPU, a
 padded all_to_all on CPU, whose XLA has no ragged-all-to-all.
@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dots_jax.ops.gmm import default_backend, expert_ffn_loop, gmm, round_to, silu
+from dots_jax.ops import gmm
+from dots_jax.ops.common import round_to
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
@@ -126,26 +127,12 @@ def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: 
     """out[c] = SwiGLU expert `group[c]` applied to source[row_index[c]], or zeros where group[c] is outside
     [0, E) (another shard's expert, or padding). source [N, H]; row_index, group [C]; returns [C, H]."""
     num_groups = gate.shape[0]
-    dtype = source.dtype
     group = jnp.where((group >= 0) & (group < num_groups), group, num_groups)  # foreign rows sort last
     order = jnp.argsort(group, stable=True)
     # Counting the foreign rows as one extra group and dropping it leaves them past sum(group_sizes): zeros.
     group_sizes = jnp.bincount(group, length=num_groups + 1)[:num_groups].astype(jnp.int32)
     rows = source[row_index[order]]  # sorted by group
-
-    if backend == "auto":
-        backend = default_backend(rows.shape[0], num_groups)  # as gmm would resolve it
-    if backend == "loop":
-        # The same computation fused into one loop over row tiles forward and one backward, instead of three
-        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
-        out_sorted = expert_ffn_loop(rows, gate.astype(dtype), up.astype(dtype), down.astype(dtype), group_sizes)
-    else:
-        h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
-        h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
-        # Rounded as torch rounds its bf16 product: "gather" fuses the product into its einsum, where XLA would
-        # otherwise keep it in f32 (see round_to).
-        h = round_to(silu(h_gate).astype(jnp.float32) * h_up.astype(jnp.float32), dtype)
-        out_sorted = gmm(h, down.astype(dtype), group_sizes, backend=backend)  # [C, H]
+    out_sorted = gmm.expert_ffn(rows, gate, up, down, group_sizes, backend=backend)  # [C, H]
 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
