@@ -3,7 +3,7 @@ bf16 with eager attention) and through ours, compared element by element in bf16
 
 Both sides round to bf16 at the same points (transformers' casting order: RMSNorm statistics in f32 cast back
 before the weight, f32 softmax, f32 router, f32 routed combine cast once, and every bf16 tensor of transformers
-rounded in ours too, which grouped_matmul.round_to keeps XLA from skipping), so on this machine every block
+rounded in ours too, which ops.common.round_to keeps XLA from skipping), so on this machine every block
 agrees bit for bit. The check still leaves room for a rounding flipped by a different f32 accumulation order or
 rsqrt (torch's and XLA's f32 rsqrt differ in a third of the cases; one such flip at one token is why the logits
 below are not all bit-identical): per element, K_ULPS ulps plus a floor of one ulp at the element's row scale (a
@@ -111,7 +111,7 @@ def attention_inputs(ref, cfg):
 
 # ------------------------------------------------------------------------------------------------ blocks
 # Each returns (ours, transformers') outputs of one block for the same bf16 input. Ours runs under jit, as in the
-# model: XLA's fusion decides where bf16 roundings survive (see grouped_matmul.round_to).
+# model: XLA's fusion decides where bf16 roundings survive (see ops.common.round_to).
 
 
 def block_norm(ref, ours):
@@ -243,7 +243,7 @@ def test_model_logits_median_and_p99_bf16(pair) -> None:
 
 def bf16(a: jax.Array) -> jax.Array:
     """a rounded to bf16 where a bf16 kernel would round it. A plain cast is not enough for a control: XLA:CPU
-    drops a bf16 rounding whose result the next fused op upcasts again (grouped_matmul.round_to)."""
+    drops a bf16 rounding whose result the next fused op upcasts again (ops.common.round_to)."""
     return moe_module.round_to(a.astype(jnp.float32), jnp.bfloat16)
 
 

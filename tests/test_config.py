@@ -95,7 +95,7 @@ def test_transformers_5x_and_4x_configs_read_the_same(tmp_path):
     assert _ours(old) == _ours(new) == _reference(hf)
     assert old.dtype == new.dtype == "bfloat16"
     assert old.eos_token_id == new.eos_token_id == (151643,)
-    # The released numbers, from the model card (dots1-reference.md), not from our reader.
+    # The released numbers, from rednote-hilab/dots.llm1's model card, not from our reader.
     assert (old.hidden_size, old.head_dim, old.n_group, old.topk_group, old.rope_theta) == (
         4096, 128, 1, 1, 1e7)
     assert old.layer_types == (FULL_ATTENTION,) * 62 and old.sliding_window is None

@@ -101,22 +101,22 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, valid: jax.Array, cache: KVCache,
-             key: jax.Array, sampling: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, KVCache]:
+             key: jax.Array, sampling: tuple[jax.Array, ...]) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
     logits, cache = model(ids, attention_mask=valid, cache=cache)
     last = jnp.maximum(valid.sum(axis=-1) - 1, 0)  # each row's last real token
     last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
     # Replicated: every process reads the new tokens (a multi-process run cannot fetch a split array).
-    return constrain(sample_tokens(last_logits, key, *sampling), (None,)), last_logits, cache
+    return constrain(sample_tokens(last_logits, key, *sampling), (None,)), cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
 def _decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
                  cache: KVCache, key: jax.Array, sampling: tuple[jax.Array, ...]
-                 ) -> tuple[jax.Array, jax.Array, KVCache]:
+                 ) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
     logits, cache = model(tokens[:, None], positions=positions[:, None], cache=cache)
-    return constrain(sample_tokens(logits[:, 0], key, *sampling), (None,)), logits[:, 0], cache
+    return constrain(sample_tokens(logits[:, 0], key, *sampling), (None,)), cache
 
 
 @dataclasses.dataclass
@@ -184,7 +184,7 @@ def generate(
     args = sampling.as_arrays()
     base_key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():  # the model reads the mesh
-        tokens, _, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), cache,
+        tokens, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(valid), cache,
                                     jax.random.fold_in(base_key, 0), args)
         out: list[list[int]] = [[] for _ in batch_ids]
         active = np.ones(len(batch_ids), bool)
@@ -199,7 +199,7 @@ def generate(
             if not active.any() or step == max_new_tokens - 1:
                 break
             positions = jnp.asarray(lengths + step)
-            tokens, _, cache = _decode_step(graphdef, state, tokens, positions, cache,
+            tokens, cache = _decode_step(graphdef, state, tokens, positions, cache,
                                             jax.random.fold_in(base_key, step + 1), args)
     text = [tokenizer.decode(t) for t in out] if tokenizer is not None else None
     return GenerateOutput(tokens=out, text=text, prompt_tokens=batch_ids)

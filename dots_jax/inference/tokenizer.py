@@ -32,7 +32,8 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # The named special tokens that transformers hands to a chat template (its SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
-# The dots.llm1 instruct format, used when the checkpoint carries no chat template (see docs/dots1-reference.md).
+# The dots.llm1 instruct format (the chat template of rednote-hilab/dots.llm1.inst), used when the checkpoint
+# carries no chat template.
 DOTS1_DEFAULT_SYSTEM = "You are a helpful assistant."
 DOTS1_SYSTEM = ("<|system|>", "<|endofsystem|>")
 DOTS1_USER = ("<|userprompt|>", "<|endofuserprompt|>")

@@ -50,6 +50,3 @@ class KVCache:
         return cls(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                    positions=jnp.zeros((batch, slots), jnp.int32), valid=jnp.zeros((batch, slots), jnp.bool_),
                    index=jnp.zeros((), jnp.int32))
-
-    def bytes(self) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
