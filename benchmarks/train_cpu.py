@@ -49,7 +49,7 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 
 import dots_jax  # noqa: E402
 from dots_jax import training as train  # noqa: E402
-from dots_jax.model.modeling import NO_WINDOW, make_attention_mask, rope_tables  # noqa: E402
+from dots_jax.model.attention import NO_WINDOW, make_attention_mask, rope_tables  # noqa: E402
 from dots_jax.ops.head_loss import head_nll  # noqa: E402
 from dots_jax.parallel.cpu_tuning import tune_allocator  # noqa: E402
 

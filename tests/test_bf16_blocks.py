@@ -28,7 +28,7 @@ from flax import nnx
 import dots_jax
 from dots_jax.model import modeling as model_module
 from dots_jax.model import moe as moe_module
-from dots_jax.model.modeling import make_attention_mask, rope_tables
+from dots_jax.model.attention import make_attention_mask, rope_tables
 from dots_jax.ops.gmm import default_backend
 
 # The released model's ratios at tiny size (test_parity's released_like): top-6 of 16 experts, two shared
