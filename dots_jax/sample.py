@@ -28,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import jinja2
 import numpy as np
 
-from dots_jax.config import ConfigError, Dots1Config
+from dots_jax import cli
+from dots_jax.config import Dots1Config
 from dots_jax.demo import DEMO_MODEL_DIR
+from dots_jax.errors import UserError
 from dots_jax.inference.generate import GenerateOutput, generate
 from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
 from dots_jax.ops.gmm import BACKENDS
@@ -41,29 +42,16 @@ from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.padding import pad_for_mesh
 from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
 from dots_jax.weights import from_pretrained  # HF directories, repo ids and converted checkpoints
-from dots_jax.weights.hf import CheckpointError, resolve
+from dots_jax.weights.hf import resolve
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DEFAULT_MAX_NEW_TOKENS = 128
 DEMO_PROMPT = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
-END_OF_RESPONSE = "<|endofresponse|>"  # where a dots1 chat turn ends (docs/dots1-reference.md)
+END_OF_RESPONSE = "<|endofresponse|>"  # where a dots1 chat turn ends (dots.llm1.inst's chat template)
 DIM, RESET = "\x1b[2m", "\x1b[0m"  # ANSI: the prompt, dimmed on a terminal, reads apart from the completion
 
 
-class UserError(Exception):
-    """Bad input from the command line: reported as one `error: ...` line and exit code 2, no traceback."""
-
-
-class _Parser(argparse.ArgumentParser):
-    # argparse prints the usage and exits by itself; we want the same single `error:` line as every other
-    # user error, and main() to return 2 rather than raise SystemExit.
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UserError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m dots_jax.sample", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.Parser(prog="python -m dots_jax.sample", description=__doc__)
     parser.add_argument("--model", metavar="PATH_OR_REPO",
                         help="dots1 checkpoint in HF format: a local directory (config.json, *.safetensors and "
                              "tokenizer.json or tokenizer.model) or a Hugging Face repo id such as "
@@ -96,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "is off")
     parser.add_argument("--seed", type=int, default=0, metavar="N",
                         help="random seed of the sampling; default 0")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                         help="dtype of the weights and activations (default float32)")
     parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
                         help="grouped-matmul implementation of the routed experts; auto (default) lets "
@@ -166,7 +154,7 @@ def open_checkpoint(model: str) -> Checkpoint:
         directory = resolve(model)
         cfg = Dots1Config.from_hf(directory)
         tokenizer = Tokenizer.from_dir(directory)
-    except (CheckpointError, ConfigError, ValueError, OSError) as e:  # OSError: missing files, hub errors
+    except (ValueError, OSError) as e:  # the library's errors, the tokenizer's and huggingface_hub's (OSErrors)
         # Most messages already name the path; hub errors do not.
         raise UserError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}") from None
     stops = set(cfg.eos_token_id)
@@ -205,8 +193,12 @@ def encode_prompts(prompts: Sequence[str], checkpoint: Checkpoint, args: argpars
             messages = [{"role": "user", "content": prompt}]
             if args.system is not None:
                 messages.insert(0, {"role": "system", "content": args.system})
+            try:
+                text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            except jinja2.TemplateError as e:  # the checkpoint's template failed (or raise_exception'd)
+                raise UserError(f"--chat: the chat template of {args.model}: {e}") from None
             # The template writes any BOS itself, so the tokenizer adds nothing.
-            ids = tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+            ids = tokenizer.encode(text)
         else:
             ids = tokenizer.encode(prompt, add_special_tokens=True)
         if not ids:
@@ -279,7 +271,7 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
         stops.add(checkpoint.tokenizer.token_to_id(END_OF_RESPONSE))
 
     start = time.perf_counter()
-    model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=DTYPES[args.dtype],
+    model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=cli.DTYPES[args.dtype],
                             moe_backend=args.moe_backend, progress=sys.stderr.isatty())
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
@@ -318,23 +310,23 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
     return 0
 
 
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    maybe_initialize(args.distributed)  # before any other JAX call (check_args builds the mesh)
+    check_args(args)
+    demo = args.model is None
+    if demo:
+        args.model = str(DEMO_MODEL_DIR)
+        args.prompt = args.prompt or [DEMO_PROMPT]
+    # Every process of a multi-process run generates the same text: process 0 prints it. stderr (notes,
+    # errors) stays per process, so that a failure on any host shows.
+    with contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(io.StringIO()):
+        return run_model(args, demo)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        maybe_initialize(args.distributed)  # before any other JAX call (check_args builds the mesh)
-        check_args(args)
-        demo = args.model is None
-        if demo:
-            args.model = str(DEMO_MODEL_DIR)
-            args.prompt = args.prompt or [DEMO_PROMPT]
-        # Every process of a multi-process run generates the same text: process 0 prints it. stderr (notes,
-        # errors) stays per process, so that a failure on any host shows.
-        with contextlib.nullcontext() if is_main_process() else contextlib.redirect_stdout(io.StringIO()):
-            return run_model(args, demo)
-    except (UserError, CheckpointError, ConfigError, ValueError, jinja2.TemplateError) as e:
-        # One line, whatever the message: the library's messages name the file, field or argument at fault.
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    """`python -m dots_jax.sample ...`; returns the exit code (2 for bad input, with one `error:` line)."""
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,49 +1,5 @@
-"""`python -m dots_jax.train`: the training loop around dots_jax.training's train step (see CLI_USAGE)."""
-
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
-import os
-import signal
-import sys
-import threading
-import time
-from pathlib import Path
-from typing import Any
-
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
-
-from dots_jax.config import ConfigError, Dots1Config, preset
-from dots_jax.inference.tokenizer import Tokenizer
-from dots_jax.model.modeling import random_model
-from dots_jax.ops.gmm import BACKENDS
-from dots_jax.parallel.cpu_tuning import tune_allocator
-from dots_jax.parallel.distributed import is_main_process, maybe_initialize
-from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state, with_shardings
-from dots_jax.training import checkpoint
-from dots_jax.training.data import (
-    BYTE_VOCAB,
-    Batch,
-    DataError,
-    TokenStream,
-    eval_batches,
-    fingerprint,
-    load_tokens,
-    split_eval,
-)
-from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
-from dots_jax.weights import from_pretrained, load_config
-from dots_jax.weights.hf import CheckpointError, export_hf, tokenizer_files
-
-CLI_USAGE = """\
-python -m dots_jax.train: train or fine-tune a dots1 model on text files.
+"""`python -m dots_jax.train`: train or fine-tune a dots1 model on text files (the loop around dots_jax.training's
+step).
 
   python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny
   python -m dots_jax.train --init ./dots-checkpoint --tokenizer ./dots-checkpoint --data notes.txt --steps 50 \\
@@ -62,21 +18,51 @@ begun; for a new schedule, start a new run from the weights: --init <out>/hf. Ba
 line and exits with 2.
 """
 
-_CLI_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from dots_jax import cli, files
+from dots_jax.config import Dots1Config, preset
+from dots_jax.errors import UserError
+from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.model.modeling import random_model
+from dots_jax.ops.gmm import BACKENDS
+from dots_jax.parallel.cpu_tuning import tune_allocator
+from dots_jax.parallel.distributed import is_main_process, maybe_initialize
+from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state, with_shardings
+from dots_jax.training import checkpoint
+from dots_jax.training.data import (
+    BYTE_VOCAB,
+    Batch,
+    TokenStream,
+    eval_batches,
+    fingerprint,
+    load_tokens,
+    split_eval,
+)
+from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
+from dots_jax.weights import from_pretrained, load_config
+from dots_jax.weights.hf import export_hf, tokenizer_files
 
 
-class CliError(Exception):
-    """Bad command-line input: reported as one `error: ...` line and exit code 2, without a traceback."""
-
-
-def _cli_parser() -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        # argparse would print the usage and exit by itself; every user error should read the same way instead.
-        def error(self, message: str) -> None:  # type: ignore[override]
-            raise CliError(message)
-
-    p = Parser(prog="python -m dots_jax.train", description=CLI_USAGE,
-               formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(prog="python -m dots_jax.train", description=__doc__)
     p.add_argument("--config", metavar="PRESET_OR_PATH",
                    help="model config: a preset name from configs/ (e.g. tiny) or an HF config.json (or its "
                         "directory). Not needed with --init or --resume, which carry their own.")
@@ -102,7 +88,7 @@ def _cli_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (default 1); tokens per step = grad-accum x batch x "
                         "seq-len")
-    p.add_argument("--dtype", choices=sorted(_CLI_DTYPES), default="float32",
+    p.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                    help="compute dtype; the master weights and optimizer state are always float32")
     p.add_argument("--eval-every", type=int, default=100, help="eval loss every N steps, and at the end")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval (default 8)")
@@ -132,37 +118,37 @@ def _cli_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cli_check_args(args: argparse.Namespace) -> None:
+def check_args(args: argparse.Namespace) -> None:
     """Out-of-range values, named by their option (written so that NaN fails too)."""
     for name in ("steps", "batch", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every", "keep"):
         if not getattr(args, name) >= 1:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
-        raise CliError(f"--lr must be > 0, got {args.lr}")
+        raise UserError(f"--lr must be > 0, got {args.lr}")
     if not 0 <= args.eval_fraction < 1:
-        raise CliError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
+        raise UserError(f"--eval-fraction must lie in [0, 1), got {args.eval_fraction}")
     if args.extend and not args.resume:
-        raise CliError("--extend lengthens a saved run: it needs --resume")
-    # On --resume, an unset --warmup or --decay means the run's own (_cli_adopt_schedule), not a share of --steps.
+        raise UserError("--extend lengthens a saved run: it needs --resume")
+    # On --resume, an unset --warmup or --decay means the run's own (adopt_schedule), not a share of --steps.
     args.schedule_given = {"warmup": args.warmup is not None, "decay": args.decay is not None}
     args.warmup = args.steps // 10 if args.warmup is None else args.warmup
     args.decay = args.steps // 5 if args.decay is None else args.decay
     if not (args.warmup >= 0 and args.decay >= 0 and args.warmup + args.decay <= args.steps):
-        raise CliError(f"--warmup {args.warmup} and --decay {args.decay} must be >= 0 and fit in --steps "
-                       f"{args.steps}")
+        raise UserError(f"--warmup {args.warmup} and --decay {args.decay} must be >= 0 and fit in --steps "
+                        f"{args.steps}")
     if not (args.bias_update_rate >= 0 and args.balance_loss_coef >= 0):
-        raise CliError("--bias-update-rate and --balance-loss-coef must be >= 0")
+        raise UserError("--bias-update-rate and --balance-loss-coef must be >= 0")
     if args.mesh is not None:
         try:
             args.mesh = make_mesh(args.mesh)
         except ValueError as e:
-            raise CliError(f"--mesh {args.mesh}: {e}") from None
+            raise UserError(f"--mesh {args.mesh}: {e}") from None
     elif jax.process_count() > 1:  # one device's state cannot be one state of every process
-        raise CliError(f"{jax.process_count()} processes need --mesh over all their devices, e.g. --mesh "
-                       f"data={jax.device_count()}")
+        raise UserError(f"{jax.process_count()} processes need --mesh over all their devices, e.g. --mesh "
+                        f"data={jax.device_count()}")
 
 
-def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dots1Config:
+def model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dots1Config:
     """The model config: the checkpoint's on --resume, else --init's, else --config; a --config given as well
     must agree."""
     given = None
@@ -176,32 +162,32 @@ def _cli_model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dot
     elif given is not None:
         return given
     else:
-        raise CliError("give --config (a preset such as tiny, or an HF config.json), --init or --resume")
+        raise UserError("give --config (a preset such as tiny, or an HF config.json), --init or --resume")
     if given is not None and given != cfg:
-        raise CliError(f"--config {args.config} differs from {source} model config; leave --config out")
+        raise UserError(f"--config {args.config} differs from {source} model config; leave --config out")
     return cfg
 
 
-def _cli_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, list[Path]]:
+def load_data(args: argparse.Namespace, cfg: Dots1Config) -> tuple[np.ndarray, list[Path]]:
     """(all tokens of --data, the tokenizer's files to ship with the exported model)."""
-    tokenizer, files = None, []
+    tokenizer, shipped = None, []
     if args.tokenizer is not None:
         try:
             tokenizer = Tokenizer.from_dir(args.tokenizer)
         except (OSError, ValueError) as e:
-            raise CliError(f"--tokenizer: {e}") from None
-        files = tokenizer_files(args.tokenizer)
+            raise UserError(f"--tokenizer: {e}") from None
+        shipped = tokenizer_files(args.tokenizer)
     elif cfg.vocab_size < BYTE_VOCAB:
-        raise CliError(f"byte-level data (no --tokenizer) needs a vocabulary of >= {BYTE_VOCAB}; the model has "
-                       f"{cfg.vocab_size}")
+        raise UserError(f"byte-level data (no --tokenizer) needs a vocabulary of >= {BYTE_VOCAB}; the model has "
+                        f"{cfg.vocab_size}")
     tokens = load_tokens(args.data, tokenizer)
     if tokens.max() >= cfg.vocab_size:
-        raise CliError(f"the data encodes to token id {tokens.max()}, outside the model's vocabulary of "
-                       f"{cfg.vocab_size}: the tokenizer does not fit the model")
-    return tokens, files
+        raise UserError(f"the data encodes to token id {tokens.max()}, outside the model's vocabulary of "
+                        f"{cfg.vocab_size}: the tokenizer does not fit the model")
+    return tokens, shipped
 
 
-def _cli_adopt_schedule(args: argparse.Namespace, meta: dict) -> None:
+def adopt_schedule(args: argparse.Namespace, meta: dict) -> None:
     """On --resume, the run's own --warmup and --decay where none is given (a default share of a larger --steps
     would be another schedule)."""
     saved_tc = meta["train_config"]
@@ -210,7 +196,7 @@ def _cli_adopt_schedule(args: argparse.Namespace, meta: dict) -> None:
             setattr(args, name, saved_tc[field])
 
 
-def _cli_check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig, out: Path) -> None:
+def check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig, out: Path) -> None:
     """What must not change between a run and its resumption: the data position would mean other windows, the
     optimizer state another structure, or the learning-rate schedule (fixed by --steps, --lr, --warmup, --decay)
     another run. Only --extend may raise --steps, and only while the schedule has not begun to decay."""
@@ -227,23 +213,23 @@ def _cli_check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainCo
               ("--dtype", meta["dtype"], args.dtype)]
     for what, saved, now in checks:
         if saved != now:
-            raise CliError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now): resume "
-                           f"with the run's own setting, or start a new run from its weights with --init {out}/hf")
+            raise UserError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now): resume "
+                            f"with the run's own setting, or start a new run from its weights with --init {out}/hf")
     saved_steps, step = saved_tc["total_steps"], meta["step"]
     new_run = f"start a new run from its weights with --init {out}/hf and another --out"
     if args.steps == saved_steps:
         return
     if not args.extend:
-        raise CliError(f"--resume: --steps {args.steps} differs from the run's --steps {saved_steps}, which fixes "
-                       f"its learning-rate schedule: pass --steps {saved_steps} to continue the run, add --extend to "
-                       f"lengthen its stable phase to {args.steps} steps, or {new_run}")
+        raise UserError(f"--resume: --steps {args.steps} differs from the run's --steps {saved_steps}, which fixes "
+                        f"its learning-rate schedule: pass --steps {saved_steps} to continue the run, add --extend to "
+                        f"lengthen its stable phase to {args.steps} steps, or {new_run}")
     decay_start = saved_steps - saved_tc["decay_steps"]
     if args.steps < saved_steps:
-        raise CliError(f"--extend: --steps {args.steps} is below the run's --steps {saved_steps}; --extend only "
-                       "lengthens a run")
+        raise UserError(f"--extend: --steps {args.steps} is below the run's --steps {saved_steps}; --extend only "
+                        "lengthens a run")
     if step > decay_start:
-        raise CliError(f"--extend: the checkpoint (step {step}) is already in the run's decay (after step "
-                       f"{decay_start}), so its stable phase cannot be lengthened; {new_run}")
+        raise UserError(f"--extend: the checkpoint (step {step}) is already in the run's decay (after step "
+                        f"{decay_start}), so its stable phase cannot be lengthened; {new_run}")
 
 
 class _StopSignals:
@@ -277,8 +263,8 @@ def _eval_ce(graphdef: nnx.GraphDef, params: nnx.State, router_bias: nnx.State, 
 _jit_eval_ce = jax.jit(_eval_ce, static_argnums=0)
 
 
-def _cli_plot(records: list[dict], path: Path) -> None:
-    """Train and eval cross-entropy against the step, as a PNG (written beside, then renamed)."""
+def plot_losses(records: list[dict], path: Path) -> None:
+    """Train and eval cross-entropy against the step, as a PNG."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
     fig = Figure(figsize=(7, 4.5), dpi=100)
@@ -293,42 +279,40 @@ def _cli_plot(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss (nats / token)")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
 
 
-def _cli_run(args: argparse.Namespace) -> int:
-
+def run_training(args: argparse.Namespace) -> int:
     tune_allocator()
     out = Path(args.out).expanduser()
     if args.init is not None and Path(args.init).expanduser().exists() and checkpoint.overlapping(args.init, out):
-        raise CliError(f"--out {args.out} overlaps --init {args.init} (the same directory, one inside the other, or "
-                       "a symlink to it): the run would write over the checkpoint it starts from; choose another "
-                       "--out")
+        raise UserError(f"--out {args.out} overlaps --init {args.init} (the same directory, one inside the other, or "
+                        "a symlink to it): the run would write over the checkpoint it starts from; choose another "
+                        "--out")
     ckpt_dir = out / checkpoint.CHECKPOINTS
     latest = checkpoint.latest_step(ckpt_dir)
     meta = None
     if args.resume:
         if latest is None:
-            raise CliError(f"--resume: no checkpoint in {ckpt_dir}")
+            raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
         meta = checkpoint.read_metadata(ckpt_dir, latest)
-        _cli_adopt_schedule(args, meta)
+        adopt_schedule(args, meta)
         if args.init is not None:
             print("note: --init is ignored with --resume: the weights come from the checkpoint", file=sys.stderr)
     elif latest is not None:
-        raise CliError(f"--out {out} already holds checkpoints (up to step {latest}): pass --resume to continue, "
-                       "or choose another --out")
+        raise UserError(f"--out {out} already holds checkpoints (up to step {latest}): pass --resume to continue, "
+                        "or choose another --out")
 
-    cfg = _cli_model_config(args, meta)
+    cfg = model_config(args, meta)
     if args.mesh is not None:
         try:
             check_shardable(cfg, args.mesh)
         except ValueError as e:
-            raise CliError(f"--mesh: {e}") from None
+            raise UserError(f"--mesh: {e}") from None
     if args.seq_len > cfg.max_position_embeddings:
-        raise CliError(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
-    tokens, tokenizer_files = _cli_data(args, cfg)
+        raise UserError(f"--seq-len {args.seq_len} exceeds the model's context of {cfg.max_position_embeddings}")
+    tokens, shipped_files = load_data(args, cfg)
     fp = fingerprint(tokens)
     train_tokens, eval_tokens = split_eval(tokens, args.eval_fraction, args.seq_len)
     stream = TokenStream(train_tokens, args.batch, args.seq_len, args.seed)
@@ -338,13 +322,13 @@ def _cli_run(args: argparse.Namespace) -> int:
                          decay_steps=args.decay, balance_loss_coef=args.balance_loss_coef,
                          bias_update_rate=args.bias_update_rate, grad_accum_steps=args.grad_accum)
     except ValueError as e:
-        raise CliError(str(e)) from None
-    dtype = _CLI_DTYPES[args.dtype]
+        raise UserError(str(e)) from None
+    dtype = cli.DTYPES[args.dtype]
 
     # The model and its training state: restored, loaded, or initialised at random.
     start = time.perf_counter()
     if meta is not None:
-        _cli_check_resume(args, meta, fp, tc, out)
+        check_resume(args, meta, fp, tc, out)
         if meta["step"] >= args.steps:  # a finished run, resumed again: like the converter, nothing to do
             print(f"{out} is complete at step {meta['step']} of {args.steps}: nothing to do")
             return 0
@@ -385,10 +369,12 @@ def _cli_run(args: argparse.Namespace) -> int:
     metrics_path = out / "metrics.jsonl"
     records = []
     if meta is not None and metrics_path.is_file():
-        records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        text = metrics_path.read_text()
+        text = text[:text.rfind("\n") + 1]  # complete lines only: a kill may have torn the last append
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
         records = [r for r in records if r["step"] <= first_step]
     if main_process:
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        files.write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
 
     def metadata(step: int) -> dict:
         return {"step": step, "micro_step": step * tc.grad_accum_steps,
@@ -462,8 +448,8 @@ def _cli_run(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
 
-    _cli_plot(records, out / "loss_curve.png")
-    hf_dir = export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=tokenizer_files)
+    plot_losses(records, out / "loss_curve.png")
+    hf_dir = export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=shipped_files)
     last = [r for r in records if "ce" in r][-1]
     last_eval = [r["eval_loss"] for r in records if "eval_loss" in r]
     print(f"step {args.steps}: train loss {last['loss']:.4f}"
@@ -473,21 +459,20 @@ def _cli_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _main(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    maybe_initialize(args.distributed)  # before any other JAX call
+    check_args(args)
+    try:
+        return run_training(args)
+    finally:
+        if args.mesh is not None:
+            jax.set_mesh(None)  # run_training set it; main() may run again in this process (the tests do)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m dots_jax.train ...`; returns the exit code (2 for bad input, with one `error:` line)."""
-
-    try:
-        args = _cli_parser().parse_args(argv)
-        maybe_initialize(args.distributed)  # before any other JAX call
-        _cli_check_args(args)
-        try:
-            return _cli_run(args)
-        finally:
-            if args.mesh is not None:
-                jax.set_mesh(None)  # _cli_run set it; main() may run again in this process (the tests do)
-    except (CliError, ConfigError, CheckpointError, DataError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

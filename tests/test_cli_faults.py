@@ -207,7 +207,7 @@ def test_resume_refuses_a_changed_schedule(straight_run, corpus):
 
 
 def test_save_every_default_is_in_the_help():
-    out = train._cli_parser().format_help()
+    out = train.build_parser().format_help()
     assert re.search(r"--save-every.*\(default 500\)", " ".join(out.split()))
     assert "--extend" in out and "SIGTERM" in out
 
@@ -350,7 +350,7 @@ def test_every_readme_command_line_is_accepted_by_its_parser():
     from dots_jax import sample
 
     parse = {"convert.hf_to_jax": hf_to_jax.parse_args, "dots_jax.sample": sample.build_parser().parse_args,
-             "dots_jax.train": train._cli_parser().parse_args}
+             "dots_jax.train": train.build_parser().parse_args}
     checked = []
     for command in readme_commands():
         module, *argv = shlex.split(command.split("&&")[0])[2:]
