@@ -8,6 +8,7 @@ import os
 import jax
 from etils import epath
 
+from dots_jax import cli
 from dots_jax.training.checkpoint import overlapping
 from dots_jax.weights.converted import DestinationError
 
@@ -30,3 +31,12 @@ def refuse_overlap(src: str | os.PathLike, dst: epath.Path, work: epath.Path) ->
             raise DestinationError(f"--dst {dst} overlaps --src {src} (the same directory, one inside the other, "
                                    "or a symlink to it): writing there would destroy the source; choose a --dst "
                                    "outside the source")
+
+
+def converter_parser(prog: str, description: str, src_help: str, dst_help: str) -> cli.Parser:
+    """The options both converters take: --src, --dst, --no-progress."""
+    parser = cli.Parser(prog=prog, description=description)
+    parser.add_argument("--src", required=True, help=src_help)
+    parser.add_argument("--dst", required=True, help=dst_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser

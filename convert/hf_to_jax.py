@@ -26,7 +26,7 @@ from etils import epath
 from flax import nnx
 from tqdm.auto import tqdm
 
-from convert import cpu_only, refuse_overlap
+from convert import converter_parser, cpu_only, refuse_overlap
 from dots_jax import cli
 from dots_jax.config import Dots1Config
 from dots_jax.model.modeling import abstract_model
@@ -173,16 +173,14 @@ def convert(src: str, dst: str | os.PathLike, *, dtype: str | None = None, resum
 
 
 def build_parser() -> cli.Parser:
-    parser = cli.Parser(
-        prog="python -m convert.hf_to_jax",
-        description="Convert a Hugging Face dots.llm1 checkpoint (safetensors) into a dots_jax checkpoint: "
-                    "Orbax items per layer plus config.json, tokenizer files and manifest.json. Streams layer by "
-                    "layer (peak memory about one parameter), writes to DST.tmp-hf_to_jax and renames it to DST "
-                    "when complete.")
-    parser.add_argument("--src", required=True, help="HF repo id (fetched with huggingface_hub into the HF cache; "
-                        "HF_HUB_OFFLINE is honoured) or a local directory with config.json and safetensors")
-    parser.add_argument("--dst", required=True, help="output directory (a local path or any path Orbax/tensorstore "
-                        "accepts, e.g. gs://bucket/dots1)")
+    parser = converter_parser(
+        "python -m convert.hf_to_jax",
+        "Convert a Hugging Face dots.llm1 checkpoint (safetensors) into a dots_jax checkpoint: Orbax items per layer "
+        "plus config.json, tokenizer files and manifest.json. Streams layer by layer (peak memory about one "
+        "parameter), writes to DST.tmp-hf_to_jax and renames it to DST when complete.",
+        src_help="HF repo id (fetched with huggingface_hub into the HF cache; HF_HUB_OFFLINE is honoured) or a "
+                 "local directory with config.json and safetensors",
+        dst_help="output directory (a local path or any path Orbax/tensorstore accepts, e.g. gs://bucket/dots1)")
     parser.add_argument("--dtype", choices=list(cli.DTYPES), default=None,
                         help="cast floating-point weights to this dtype (default: keep each tensor's stored dtype; "
                              "the router's correction bias is always stored f32)")
@@ -191,7 +189,6 @@ def build_parser() -> cli.Parser:
                       help="continue an interrupted conversion, skipping the layers already written")
     mode.add_argument("--overwrite", action="store_true",
                       help="replace DST and discard any interrupted conversion")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 

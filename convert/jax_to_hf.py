@@ -27,7 +27,7 @@ import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
 
-from convert import cpu_only, refuse_overlap
+from convert import converter_parser, cpu_only, refuse_overlap
 from dots_jax import cli
 from dots_jax.config import Dots1Config
 from dots_jax.weights import converted
@@ -149,17 +149,14 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: i
 
 
 def build_parser() -> cli.Parser:
-    parser = cli.Parser(
-        prog="python -m convert.jax_to_hf",
-        description="Export a converted dots_jax checkpoint as an HF dots.llm1 checkpoint (safetensors shards "
-                    "with per-expert names and the original dtypes, index, config.json, tokenizer files) that "
-                    "transformers loads.")
-    parser.add_argument("--src", required=True, help="converted dots_jax checkpoint (from convert.hf_to_jax)")
-    parser.add_argument("--dst", required=True, help="output directory")
+    parser = converter_parser(
+        "python -m convert.jax_to_hf",
+        "Export a converted dots_jax checkpoint as an HF dots.llm1 checkpoint (safetensors shards with per-expert "
+        "names and the original dtypes, index, config.json, tokenizer files) that transformers loads.",
+        src_help="converted dots_jax checkpoint (from convert.hf_to_jax)", dst_help="output directory")
     parser.add_argument("--max-shard-size", type=parse_size, default=5 * 10**9,
                         help="largest shard, e.g. 5GB (default), 500MB, 2GiB")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
