@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -91,7 +90,7 @@ def _out_dtype(path: StatePath, stored: np.dtype, dtype: str | None) -> np.dtype
         return np.dtype(np.float32)
     if dtype is None or not np.issubdtype(stored, np.floating):
         return np.dtype(stored)
-    return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+    return np.dtype(cli.DTYPES[dtype])
 
 
 # ---------------------------------------------------------------------------------------------- reading

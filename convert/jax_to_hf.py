@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from tqdm.auto import tqdm
@@ -65,7 +65,7 @@ def plan_export(manifest: dict[str, Any], cfg: Dots1Config) -> list[Planned]:
         if info is None:
             raise CheckpointError(f"converted checkpoint lacks {unit}/{param}, needed for {entry.name!r}")
         slot = entry.index[1:] if entry.layer is not None else ()
-        dtype = np.dtype(info["hf_dtype"]) if info["hf_dtype"] != "bfloat16" else np.dtype(ml_dtypes.bfloat16)
+        dtype = np.dtype(jnp.dtype(info["hf_dtype"]))  # jnp knows "bfloat16" too
         size = int(np.prod(info["shape"][len(slot):], dtype=np.int64)) * dtype.itemsize
         by_unit.setdefault(unit, []).append(Planned(entry, unit, param, slot, dtype, size))
     return [p for unit in manifest["unit_order"] for p in by_unit.get(unit, [])]
