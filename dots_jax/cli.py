@@ -1,5 +1,6 @@
 """What every command line (python -m dots_jax.sample / train / plan / demo, convert.*) shares: one parser whose
-mistakes are user errors, one `error: ...` line and exit code 2 for any UserError, one dtype map.
+mistakes are user errors, one `error: ...` line and exit code 2 for any UserError, one dtype map,
+the embedded demo model's path.
 
 A CLI's `main(argv) -> int` is `return cli.run(_main, argv)`; `_main` parses with `cli.Parser`, raises UserError
 (or a room's own subclass: ConfigError, CheckpointError, DataError, ...) for input the user can fix, and turns a
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import ParamSpec
 
 import jax.numpy as jnp
@@ -20,6 +22,8 @@ EXIT_USER_ERROR = 2
 # The dtypes a user can name on a command line: storage (convert) and, of those, compute (sample, train).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The embedded demo model (package data, see dots_jax.demo): sample's and demo evaluate's default --model.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 P = ParamSpec("P")
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dots_jax import cli, files
+from dots_jax.cli import DEMO_MODEL_DIR
 from dots_jax.config import CONFIGS_DIR
 from dots_jax.errors import UserError
 
@@ -31,27 +33,26 @@ VOCAB_SIZE = 4096
 SEQ_LEN = 256
 EVAL_FRACTION = 0.05  # the training CLI's default: the corpus's last 5% of tokens are held out
 DEMO_CONFIG = CONFIGS_DIR / "demo.json"
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"  # the shipped model (package data)
 
 
 def build_corpus(directory: Path) -> list[Path]:
     """Copy the running Python's top-level stdlib *.py files (sorted) into `directory`."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     directory.mkdir(parents=True, exist_ok=True)
-    files = sorted(stdlib.glob("*.py"))
-    for f in files:
+    sources = sorted(stdlib.glob("*.py"))
+    for f in sources:
         shutil.copyfile(f, directory / f.name)
-    return [directory / f.name for f in files]
+    return [directory / f.name for f in sources]
 
 
-def train_tokenizer(files: list[Path], directory: Path) -> None:
+def train_tokenizer(sources: list[Path], directory: Path) -> None:
     """Byte-level BPE (the dots.llm1 tokenizer's kind) with EOS as its one special token."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=[EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train([str(f) for f in files], trainer)
+    tok.train([str(f) for f in sources], trainer)
     directory.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(directory / "tokenizer.json") as tmp:
         tok.save(str(tmp))
@@ -127,20 +128,19 @@ def stdlib_glob() -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dots_jax import train
-
     out = Path(args.out)
-    files = build_corpus(out / "corpus")
-    train_tokenizer(files, out / "tokenizer")
+    train_tokenizer(build_corpus(out / "corpus"), out / "tokenizer")
     config = json.loads(DEMO_CONFIG.read_text())
     tokenizer = Tokenizer.from_file(str(out / "tokenizer" / "tokenizer.json"))
     config["vocab_size"] = tokenizer.get_vocab_size()
     config["eos_token_id"] = tokenizer.token_to_id(EOS)
     files.write_atomic(out / "config.json", json.dumps(config, indent=2))
-    code = train.main(["--config", str(out / "config.json"), "--data", str(out / "corpus"),
-                       "--tokenizer", str(out / "tokenizer"), "--steps", str(args.steps), "--batch", str(args.batch),
-                       "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--eval-every", "200",
-                       "--eval-fraction", str(EVAL_FRACTION), "--save-every", "200", "--out", str(out / "run")])
+    # The training CLI itself, as a user would run it (a CLI does not import another CLI).
+    code = subprocess.run([sys.executable, "-m", "dots_jax.train", "--config", str(out / "config.json"),
+                           "--data", str(out / "corpus"), "--tokenizer", str(out / "tokenizer"),
+                           "--steps", str(args.steps), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                           "--lr", str(args.lr), "--eval-every", "200", "--eval-fraction", str(EVAL_FRACTION),
+                           "--save-every", "200", "--out", str(out / "run")]).returncode
     if code:
         return code
     hf = out / "run" / "hf"

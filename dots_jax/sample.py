@@ -32,8 +32,8 @@ import jinja2
 import numpy as np
 
 from dots_jax import cli
+from dots_jax.cli import DEMO_MODEL_DIR
 from dots_jax.config import Dots1Config
-from dots_jax.demo import DEMO_MODEL_DIR
 from dots_jax.errors import UserError
 from dots_jax.inference.generate import GenerateOutput, generate
 from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
