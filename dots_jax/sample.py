@@ -37,9 +37,9 @@ from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
 from dots_jax.inference.generate import GenerateOutput, generate
 from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
+from dots_jax.model.padding import pad_for_mesh
 from dots_jax.ops.gmm import BACKENDS
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
-from dots_jax.parallel.padding import pad_for_mesh
 from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
 from dots_jax.weights import from_pretrained  # HF directories, repo ids and converted checkpoints
 from dots_jax.weights.hf import resolve

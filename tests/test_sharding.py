@@ -28,8 +28,8 @@ from dots_jax.config import preset
 from dots_jax.model.cache import KVCache
 from dots_jax.model.modeling import Dots1ForCausalLM, random_model
 from dots_jax.model.moe import expert_parallel, moe_experts
+from dots_jax.model.padding import PaddedDots1ForCausalLM, pad_for_mesh, unpad
 from dots_jax.parallel import sharding
-from dots_jax.parallel.padding import PaddedDots1ForCausalLM, pad_for_mesh, unpad
 from dots_jax.training.data import Batch
 from dots_jax.training.step import TrainConfig, init_state, jit_train_step, loss_fn
 
@@ -117,7 +117,7 @@ def test_check_shardable_points_to_padding_where_it_applies():
     message = str(info.value)
     assert "vocab_size=251 is not divisible by tensor=2" in message
     assert "intermediate_size=97 is not divisible by tensor=2" in message
-    assert message.count("dots_jax.parallel.padding.pad_for_mesh(model, mesh)") == 2
+    assert message.count("dots_jax.model.padding.pad_for_mesh(model, mesh)") == 2
     with pytest.raises(ValueError) as info:  # attention heads are not padded: no pointer
         sharding.check_shardable(tiny_cfg(), "tensor=4")
     assert "pad_for_mesh" not in str(info.value)

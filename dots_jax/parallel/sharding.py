@@ -24,7 +24,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.cache import KVCache, LayerStackCache
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 MeshAxes = str | tuple[str, ...] | None
@@ -147,7 +146,7 @@ def _mesh_shape(mesh: Mesh | jax.sharding.AbstractMesh | str | Mapping[str, int]
     return parse_mesh_spec(mesh) if isinstance(mesh, str | Mapping) else dict(mesh.shape)
 
 
-# The widths dots_jax.parallel.padding.pad_for_mesh can zero-pad (exactly: the padded model computes the same logits).
+# The widths dots_jax.model.padding.pad_for_mesh can zero-pad (exactly: the padded model computes the same logits).
 PADDABLE = ("intermediate_size", "vocab_size")
 
 
@@ -172,7 +171,7 @@ def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> N
             article = "an" if axis[0] in "aefx" else "a"  # an expert, an fsdp; a tensor, a data
             problem = f"{field}={size} is not divisible by {axis}={n}; use {article} {axis} axis of {listed}"
             if field in PADDABLE:
-                problem += " or zero-pad it for this mesh: model = dots_jax.parallel.padding.pad_for_mesh(model, mesh)"
+                problem += " or zero-pad it for this mesh: model = dots_jax.model.padding.pad_for_mesh(model, mesh)"
             problems.append(problem)
     if problems:
         raise ValueError("this mesh cannot shard the model: " + "; ".join(problems))
@@ -181,7 +180,7 @@ def check_shardable(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int]) -> N
 def padding_plan(cfg: Dots1Config, mesh: Mesh | str | Mapping[str, int], lane: int = 128) -> dict[str, tuple[int, int]]:
     """{config field: (size, padded size)} for the tensor-split widths that the tensor axis does not divide, or
     whose per-device slice is not a multiple of the TPU lane width (128): the released dense width 10944
-    (85.5 x 128) always, the vocabulary at tensor >= 8. `dots_jax.parallel.padding.pad_for_mesh` pads the fields in
+    (85.5 x 128) always, the vocabulary at tensor >= 8. `dots_jax.model.padding.pad_for_mesh` pads the fields in
     PADDABLE exactly (zero columns/rows; the extra logits are cut off). Lane-misaligned shapes still compile and
     run, a little slower; undivided ones do not (`check_shardable`)."""
     shape = _mesh_shape(mesh)
@@ -261,21 +260,21 @@ def _divisible_or_none(size: int, axes: MeshAxes, mesh: Mesh | jax.sharding.Abst
     return axes if size % mesh_size(mesh, axes) == 0 else None
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
-    """NamedShardings for a KVCache: k/v [L, B, T, KV, D] split over the batch axes and the kv heads over
-    tensor (each where it divides); positions/valid [B, T] over the batch axes; the index replicated."""
-    rows = batch_axes(cache.batch, mesh)
+def cache_shardings(cache: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a KVCache (dots_jax.model.cache), by the rank of each array: k/v [L, B, T, KV, D] split
+    over the batch axes and the kv heads over tensor (each where it divides); positions/valid [B, T] over the batch
+    axes; the scalar index replicated."""
+    rows = batch_axes(cache.positions.shape[0], mesh)
 
-    def stack(s: LayerStackCache | None) -> LayerStackCache | None:
-        if s is None:
-            return None
-        heads = _divisible_or_none(s.k.shape[3], RULES["kv_heads"], mesh)
-        kv = NamedSharding(mesh, P(None, rows, None, heads, None))
-        return LayerStackCache(kv, kv)
+    def leaf(x: Any) -> NamedSharding:
+        if x.ndim == 5:
+            return NamedSharding(mesh, P(None, rows, None, _divisible_or_none(x.shape[3], RULES["kv_heads"], mesh),
+                                         None))
+        if x.ndim == 2:
+            return NamedSharding(mesh, P(rows, None))
+        return NamedSharding(mesh, P())
 
-    per_slot = NamedSharding(mesh, P(rows, None))
-    return KVCache(dense=stack(cache.dense), moe=stack(cache.moe), positions=per_slot, valid=per_slot,
-                   index=NamedSharding(mesh, P()))
+    return jax.tree.map(leaf, cache)
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | None:

@@ -116,7 +116,7 @@ def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, b
     model = nnx.merge(graphdef, params, router_bias)
     x, _, stats = model.hidden_states(batch.inputs)
     head = model.head_weight()
-    # A padded model (dots_jax.parallel.padding) has extra vocabulary columns, zeros whose logits must not enter
+    # A padded model (dots_jax.model.padding) has extra vocabulary columns, zeros whose logits must not enter
     # the loss.
     head = head[:, :getattr(model, "unpadded_cfg", model.cfg).vocab_size]
     mask = batch.loss_mask.astype(jnp.float32)
