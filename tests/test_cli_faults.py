@@ -40,8 +40,12 @@ def tree_hashes(root: Path) -> dict[str, str]:
 
 
 def user_env(**extra: str) -> dict[str, str]:
-    """The environment a user's shell would give: no JAX_PLATFORMS (what steers libtpu is under test)."""
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    """The environment a user's shell would give: no JAX_PLATFORMS (what steers libtpu is under test), and none of
+    the TPU variables that the TPU compile tests and the planner set in this process (they mean "a TPU host")."""
+    from dots_jax.parallel.platforms import TPU_ENV_VARS
+
+    dropped = {"JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD", *TPU_ENV_VARS}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PYTHONPATH"] = str(REPO)
     return {**env, **extra}
 

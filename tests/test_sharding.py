@@ -165,7 +165,7 @@ def test_eight_simulated_devices():
     try:
         result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                                  "--durations=5", "-o", "faulthandler_timeout=240", str(Path(__file__)),
-                                 "-k", "eight_devices_"], env=env, capture_output=True, text=True, timeout=480)
+                                 "-k", "eight_devices_"], env=env, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as e:
         out, err = (x.decode() if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr))
         pytest.fail(f"the 8-device child pytest ran past {e.timeout} s; its output so far:\n{out[-4000:]}\n"
