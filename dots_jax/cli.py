@@ -17,6 +17,7 @@ from typing import ParamSpec
 import jax.numpy as jnp
 
 from dots_jax.errors import UserError
+from dots_jax.ops.gmm import BACKENDS
 
 EXIT_USER_ERROR = 2
 # The dtypes a user can name on a command line: storage (convert) and, of those, compute (sample, train).
@@ -52,3 +53,17 @@ def run(body: Callable[P, int], *args: P.args, **kwargs: P.kwargs) -> int:
     except UserError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
+
+
+def add_moe_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                        help="grouped-matmul implementation of the routed experts; auto (default) lets "
+                             "dots_jax.ops.gmm choose for the device")
+
+
+def add_distributed(parser: argparse.ArgumentParser, main_process_does: str) -> None:
+    parser.add_argument("--distributed", action="store_true",
+                        help="one of several processes (a TPU pod slice, a multi-node job): call "
+                             "jax.distributed.initialize() first. Not needed where the environment says so "
+                             "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 "
+                             f"{main_process_does}")

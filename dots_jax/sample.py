@@ -38,7 +38,6 @@ from dots_jax.errors import UserError
 from dots_jax.inference.generate import GenerateOutput, generate
 from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
 from dots_jax.model.padding import pad_for_mesh
-from dots_jax.ops.gmm import BACKENDS
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
 from dots_jax.weights import from_pretrained  # HF directories, repo ids and converted checkpoints
@@ -86,20 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="random seed of the sampling; default 0")
     parser.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                         help="dtype of the weights and activations (default float32)")
-    parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
-                        help="grouped-matmul implementation of the routed experts; auto (default) lets "
-                             "dots_jax.ops.gmm choose for the device")
+    cli.add_moe_backend(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
                              "e.g. expert=8 or fsdp=4,expert=16 (the sizes must multiply to the device count); "
                              "default: one device")
     parser.add_argument("--show-ids", action="store_true",
                         help="after the text, also print the prompt and generated token ids")
-    parser.add_argument("--distributed", action="store_true",
-                        help="one of several processes (a TPU pod slice, a multi-node job): call "
-                             "jax.distributed.initialize() first. Not needed where the environment says so "
-                             "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 "
-                             "prints the text")
+    cli.add_distributed(parser, "prints the text")
     return parser
 
 

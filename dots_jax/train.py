@@ -42,7 +42,6 @@ from dots_jax.config import Dots1Config, preset
 from dots_jax.errors import UserError
 from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.model.modeling import random_model
-from dots_jax.ops.gmm import BACKENDS
 from dots_jax.parallel.cpu_tuning import tune_allocator
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.sharding import check_shardable, make_mesh, param_shardings, shard_state, with_shardings
@@ -98,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint every N steps (default 500); also at the end and on Ctrl-C or SIGTERM")
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the data order (default 0)")
-    p.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
-                   help="grouped-matmul backend of the routed experts (default auto: chosen for the device)")
+    cli.add_moe_backend(p)
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
                    help="shard the weights, optimizer state and batches over a device mesh with axes data, fsdp, "
                         "expert, tensor, e.g. data=8 or fsdp=4,expert=16 (the sizes multiply to the device count; "
@@ -110,11 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extend", action="store_true",
                    help="with --resume: train on to a larger --steps by lengthening the run's stable learning-rate "
                         "phase (its warmup, peak --lr and decay length stay as saved); only before its decay began")
-    p.add_argument("--distributed", action="store_true",
-                   help="one of several processes (a TPU pod slice, a multi-node job): call "
-                        "jax.distributed.initialize() first. Not needed where the environment says so "
-                        "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 writes "
-                        "metrics.jsonl, loss_curve.png and hf/ and prints the summary")
+    cli.add_distributed(p, "writes metrics.jsonl, loss_curve.png and hf/ and prints the summary")
     return p
 
 
