@@ -9,7 +9,7 @@ import jax
 from etils import epath
 
 from dots_jax import cli
-from dots_jax.training.checkpoint import overlapping
+from dots_jax.files import overlapping
 from dots_jax.weights.converted import DestinationError
 
 

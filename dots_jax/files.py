@@ -40,6 +40,13 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
+def overlapping(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when local paths a and b, resolved (symlinks followed, ~ expanded), are the same path or one lies
+    inside the other: writing or replacing one would change the other. Neither needs to exist."""
+    ra, rb = (Path(os.path.realpath(os.path.expanduser(os.fspath(p)))) for p in (a, b))
+    return ra == rb or ra in rb.parents or rb in ra.parents
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)

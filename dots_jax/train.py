@@ -280,7 +280,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
 def run_training(args: argparse.Namespace) -> int:
     tune_allocator()
     out = Path(args.out).expanduser()
-    if args.init is not None and Path(args.init).expanduser().exists() and checkpoint.overlapping(args.init, out):
+    if args.init is not None and Path(args.init).expanduser().exists() and files.overlapping(args.init, out):
         raise UserError(f"--out {args.out} overlaps --init {args.init} (the same directory, one inside the other, or "
                         "a symlink to it): the run would write over the checkpoint it starts from; choose another "
                         "--out")

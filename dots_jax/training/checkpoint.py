@@ -29,13 +29,6 @@ CHECKPOINTS = "checkpoints"  # the subdirectory of a training run's output direc
 DEFAULT_MAX_TO_KEEP = 3
 
 
-def overlapping(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when local paths a and b, resolved (symlinks followed, ~ expanded), are the same path or one lies
-    inside the other: writing or replacing one would change the other. Neither needs to exist."""
-    ra, rb = (Path(os.path.realpath(os.path.expanduser(os.fspath(p)))) for p in (a, b))
-    return ra == rb or ra in rb.parents or rb in ra.parents
-
-
 # ------------------------------------------------------------------------------------------- Orbax side
 def _manager(directory: str | os.PathLike, max_to_keep: int = DEFAULT_MAX_TO_KEEP) -> ocp.CheckpointManager:
     # Orbax wants an absolute path; item names fix the on-disk layout (<step>/state, <step>/metadata).
