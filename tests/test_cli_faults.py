@@ -319,7 +319,7 @@ def test_platform_steering_leaves_tpu_hosts_alone(monkeypatch):
     # (test_good_runs_on_cpu_print_nothing_from_libtpu), unless the environment says it is a TPU host:
     monkeypatch.setenv("TPU_ACCELERATOR_TYPE", "v5p-8")  # as on a TPU VM: JAX keeps its TPU backend
     assert _platforms.has_tpu()
-    done = run_user(probe, timeout=120)
+    done = run_user(probe, timeout=120, TPU_ACCELERATOR_TYPE="v5p-8")
     assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
 
 
