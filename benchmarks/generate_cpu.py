@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-# tests/oracle.py, not tests/conftest.py: conftest sets the test suite's cheap-compile XLA flags for the whole
-# process, and a benchmark must measure the optimised build users run.
+# tests/oracle.py builds the reference models and sets no XLA flags (the test suite's own set-up does, for the whole
+# process): a benchmark must measure the optimised build users run.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from oracle import hf_config, hf_model, save  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
