@@ -49,7 +49,8 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 
 import dots_jax  # noqa: E402
 from dots_jax import training as train  # noqa: E402
-from dots_jax.model.attention import NO_WINDOW, make_attention_mask, rope_tables  # noqa: E402
+from dots_jax.model.attention import rope_tables  # noqa: E402
+from dots_jax.ops.attention import NO_WINDOW  # noqa: E402
 from dots_jax.ops.head_loss import head_nll  # noqa: E402
 from dots_jax.parallel.cpu_tuning import tune_allocator  # noqa: E402
 
@@ -177,7 +178,7 @@ class Ours:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         valid = jnp.ones((b, s), jnp.bool_)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.float32)
-        mask = make_attention_mask(positions, positions, valid, jnp.int32(NO_WINDOW))
+        mask = (positions, positions, valid, NO_WINDOW, 0)
 
         def layer(stack):
             gd, st = nnx.split(stack)
@@ -202,7 +203,7 @@ class Ours:
             dense_layer = layer(self.model.dense_layers)
             self.blocks["dense_mlp"] = vjp_fn(dense_layer.mlp, lambda m, x: m(x))
             attn_layer = dense_layer
-        self.blocks["attention"] = vjp_fn(attn_layer.self_attn, lambda m, x, *a: m(x, *a)[0], cos, sin, mask)
+        self.blocks["attention"] = vjp_fn(attn_layer.self_attn, lambda m, x, *a: m(x, *a)[0], cos, sin, *mask)
 
         targets, loss_mask = self.batch.targets, self.batch.loss_mask
         norm_gd, norm_params = nnx.split(self.model.norm)

@@ -17,6 +17,7 @@ from typing import ParamSpec
 import jax.numpy as jnp
 
 from dots_jax.errors import UserError
+from dots_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from dots_jax.ops.gmm import BACKENDS
 
 EXIT_USER_ERROR = 2
@@ -59,6 +60,12 @@ def add_moe_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
                         help="grouped-matmul implementation of the routed experts; auto (default) lets "
                              "dots_jax.ops.gmm choose for the device")
+
+
+def add_attention_backend(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--attention-backend", choices=["auto", *sorted(ATTENTION_BACKENDS)], default="auto",
+                        help="attention implementation; auto (default) lets dots_jax.ops.attention choose for the "
+                             "device and sequence length")
 
 
 def add_distributed(parser: argparse.ArgumentParser, main_process_does: str) -> None:

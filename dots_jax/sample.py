@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                         help="dtype of the weights and activations (default float32)")
     cli.add_moe_backend(parser)
+    cli.add_attention_backend(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
                              "e.g. expert=8 or fsdp=4,expert=16 (the sizes must multiply to the device count); "
@@ -265,7 +266,8 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
 
     start = time.perf_counter()
     model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=cli.DTYPES[args.dtype],
-                            moe_backend=args.moe_backend, progress=sys.stderr.isatty())
+                            moe_backend=args.moe_backend, attention_backend=args.attention_backend,
+                            progress=sys.stderr.isatty())
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
     if args.mesh is not None:

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init and of the data order (default 0)")
     cli.add_moe_backend(p)
+    cli.add_attention_backend(p)
     p.add_argument("--mesh", metavar="AXIS=SIZE,...",
                    help="shard the weights, optimizer state and batches over a device mesh with axes data, fsdp, "
                         "expert, tensor, e.g. data=8 or fsdp=4,expert=16 (the sizes multiply to the device count; "
@@ -326,7 +327,8 @@ def run_training(args: argparse.Namespace) -> int:
         if meta["step"] >= args.steps:  # a finished run, resumed again: like the converter, nothing to do
             print(f"{out} is complete at step {meta['step']} of {args.steps}: nothing to do")
             return 0
-        graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend)
+        graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend,
+                                                             attention_backend=args.attention_backend)
         if args.mesh is not None:  # restored straight into the mesh's shardings (one per array, in order)
             abstract = with_shardings(abstract, param_shardings(abstract, args.mesh))
         state, meta = checkpoint.restore(ckpt_dir, abstract, latest)
@@ -337,10 +339,11 @@ def run_training(args: argparse.Namespace) -> int:
                 print("note: no --tokenizer, so the data is fed as raw byte ids 0..255; pass --tokenizer with the "
                       "checkpoint's directory to train on its tokens", file=sys.stderr)
             model = from_pretrained(args.init, dtype=dtype, param_dtype=jnp.float32, moe_backend=args.moe_backend,
-                                    progress=False)
+                                    attention_backend=args.attention_backend, progress=False)
             what = f"loaded {args.init}"
         else:
-            model = random_model(cfg, args.seed, dtype=dtype, param_dtype=jnp.float32, moe_backend=args.moe_backend)
+            model = random_model(cfg, args.seed, dtype=dtype, param_dtype=jnp.float32, moe_backend=args.moe_backend,
+                                 attention_backend=args.attention_backend)
             what = f"random init (seed {args.seed})"
         graphdef, state = init_state(model, tc)
         del model

@@ -28,7 +28,8 @@ from flax import nnx
 import dots_jax
 from dots_jax.model import modeling as model_module
 from dots_jax.model import moe as moe_module
-from dots_jax.model.attention import make_attention_mask, rope_tables
+from dots_jax.model.attention import rope_tables
+from dots_jax.ops.attention import NO_WINDOW
 from dots_jax.ops.gmm import default_backend
 
 # The released model's ratios at tiny size (test_parity's released_like): top-6 of 16 experts, two shared
@@ -99,14 +100,15 @@ def bf16_input(seed: int) -> tuple[np.ndarray, torch.Tensor]:
 
 
 def attention_inputs(ref, cfg):
-    """Ours: (cos, sin, bool mask); transformers: ((cos, sin), additive causal mask), for positions 0..S-1."""
+    """Ours: (cos, sin, q_pos, k_pos, key_valid, window, q_offset); transformers: ((cos, sin), additive causal
+    mask), for positions 0..S-1."""
     positions = np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ))
     cos, sin = rope_tables(jnp.asarray(positions), cfg.head_dim, cfg.rope_theta, jnp.bfloat16)
-    mask = make_attention_mask(jnp.asarray(positions), jnp.asarray(positions), jnp.ones((BATCH, SEQ), bool),
-                               jnp.asarray(2**30))
+    pos = jnp.asarray(positions)
+    mask = (pos, pos, jnp.ones((BATCH, SEQ), bool), NO_WINDOW, 0)
     ref_rope = ref.model.rotary_emb(torch.zeros((), dtype=torch.bfloat16), torch.from_numpy(positions.copy()).long())
     ref_mask = torch.full((SEQ, SEQ), torch.finfo(torch.bfloat16).min, dtype=torch.bfloat16).triu(1)
-    return (cos, sin, mask), (ref_rope, ref_mask[None, None].expand(BATCH, 1, SEQ, SEQ))
+    return (cos, sin, *mask), (ref_rope, ref_mask[None, None].expand(BATCH, 1, SEQ, SEQ))
 
 
 # ------------------------------------------------------------------------------------------------ blocks
@@ -122,9 +124,9 @@ def block_norm(ref, ours):
 
 def block_attention(ref, ours):
     x, xt = bf16_input(2)
-    (cos, sin, mask), (ref_rope, ref_mask) = attention_inputs(ref, ours.cfg)
+    args, (ref_rope, ref_mask) = attention_inputs(ref, ours.cfg)
     layer, ref_layer = our_layer(ours.moe_layers, 0), ref.model.layers[1]
-    got = jax.jit(lambda a: layer.self_attn(a, cos, sin, mask)[0])(x)
+    got = jax.jit(lambda a: layer.self_attn(a, *args)[0])(x)
     want = ref_layer.self_attn(hidden_states=xt, position_embeddings=ref_rope, attention_mask=ref_mask)[0]
     return got, want
 
@@ -144,10 +146,10 @@ def block_moe(ref, ours):
 
 def block_layer(ref, ours, moe_layer: bool):
     x, xt = bf16_input(4)
-    (cos, sin, mask), (ref_rope, ref_mask) = attention_inputs(ref, ours.cfg)
+    args, (ref_rope, ref_mask) = attention_inputs(ref, ours.cfg)
     layer = our_layer(ours.moe_layers, 0) if moe_layer else our_layer(ours.dense_layers, 0)
     ref_layer = ref.model.layers[1 if moe_layer else 0]
-    got = jax.jit(lambda a: layer(a, cos, sin, mask, jnp.ones((BATCH, SEQ), bool))[0])(x)
+    got = jax.jit(lambda a: layer(a, *args, jnp.ones((BATCH, SEQ), bool))[0])(x)
     return got, ref_layer(xt, attention_mask=ref_mask, position_embeddings=ref_rope)
 
 

@@ -1,5 +1,5 @@
-"""Attention: rotate-half RoPE, the causal / sliding-window / padding mask, and Qwen3-style GQA attention with q/k
-RMSNorm (eager: scores, f32 softmax, values). Attention backends join here."""
+"""Attention's call site: rotate-half RoPE and Qwen3-style GQA attention with q/k RMSNorm; the attention itself is
+dots_jax.ops.attention (its backends and the mask contract)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from flax import nnx
 
 from dots_jax.config import Dots1Config
 from dots_jax.model.layers import DType, RMSNorm, param
-
-NO_WINDOW = 2**30  # the "window" of a full-attention layer: larger than any sequence
+from dots_jax.ops.attention import attention
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: DType) -> tuple[jax.Array, jax.Array]:
@@ -31,10 +30,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
     """Qwen3-style attention: q/k RMSNorm over the head dim before RoPE; GQA; optional sliding window."""
 
-    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, rngs: nnx.Rngs):
+    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, backend: str, rngs: nnx.Rngs):
         h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         self.num_heads, self.num_kv_heads, self.head_dim = n, kv, d
+        self.backend = backend
         self.q_proj = param(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), param_dtype, std=std)
         self.k_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
         self.v_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
@@ -54,11 +54,13 @@ class Attention(nnx.Module):
         y = jnp.einsum("bsh,hnd->bsnd", x, w[...].astype(x.dtype))
         return y if b is None else y + b[...].astype(x.dtype)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                 key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
                  kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-        """x [B, S, H]; mask [B, S, T] bool (True = may attend). Without a cache T = S; with one, this layer's
-        cache kv ([B, T, KV, D] each) gets the new keys/values written at slot `index` and is returned."""
+        """x [B, S, H]; q_pos [B, S]; k_pos, key_valid [B, T]; window and q_offset as dots_jax.ops.attention
+        has them. Without a cache T = S; with one, this layer's cache kv ([B, T, KV, D] each) gets the new
+        keys/values written at slot `index` and is returned."""
         dtype = x.dtype
         q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
         k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
@@ -68,25 +70,8 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
             kv = (k, v)
-
-        b, s = x.shape[:2]
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)  # head n = kv * groups + g, as repeat_kv
-        # Scores in the activation dtype, then the scale; softmax in f32 and back (the reference's eager path).
-        scores = jnp.einsum("bsngd,btnd->bngst", q, k.astype(dtype)) * jnp.asarray(self.head_dim**-0.5, dtype)
-        # An additive bias (0 or the dtype's minimum), as the reference's eager path adds its mask: softmax gives
-        # masked keys exactly 0 either way, and unlike a select, an add keeps no [B, heads, S, T] mask for the
-        # backward pass (a residual per layer that cost about as much as the select itself in a training step).
-        bias = jnp.where(mask, jnp.zeros((), dtype), jnp.finfo(dtype).min)
-        scores = scores + bias[:, None, None, :, :]
-        probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-        out = jnp.einsum("bngst,btnd->bsngd", probs, v.astype(dtype)).reshape(b, s, self.num_heads, self.head_dim)
-        y = jnp.einsum("bsnd,ndh->bsh", out, self.o_proj[...].astype(dtype))
+        out = attention(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, key_valid, window=window,
+                        q_offset=q_offset, backend=self.backend)
+        y = jnp.einsum("bsnd,ndh->bsh", out.astype(dtype), self.o_proj[...].astype(dtype))
         return (y if self.o_bias is None else y + self.o_bias[...].astype(dtype)), kv
-
-
-def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, window: jax.Array) -> jax.Array:
-    """[B, Sq, Sk] bool: causal by position, keys within the window, padding keys excluded."""
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    return (delta >= 0) & (delta < window) & key_valid[:, None, :]
 

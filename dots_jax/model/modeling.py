@@ -16,10 +16,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.attention import NO_WINDOW, Attention, make_attention_mask, rope_tables
+from dots_jax.model.attention import Attention, rope_tables
 from dots_jax.model.cache import KVCache, LayerStackCache
 from dots_jax.model.layers import DType, RMSNorm, param
 from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats
+from dots_jax.ops.attention import NO_WINDOW
 from dots_jax.ops.common import round_to, silu
 from dots_jax.parallel.sharding import constrain, current_mesh
 
@@ -99,11 +100,11 @@ def rounded_add(x: jax.Array, y: jax.Array) -> jax.Array:
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Dots1Config, *, moe: bool, param_dtype: DType, moe_backend: str,
-                 rngs: nnx.Rngs):
+                 attention_backend: str, rngs: nnx.Rngs):
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype, axis_name="embed",
                                        rngs=rngs)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, backend=attention_backend, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype,
                                                 axis_name="embed", rngs=rngs)
         if moe:
@@ -112,10 +113,13 @@ class DecoderLayer(nnx.Module):
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, axis_name="mlp", std=cfg.initializer_range,
                            param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, token_valid: jax.Array,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
+                 key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
+                 token_valid: jax.Array, kv: tuple[jax.Array, jax.Array] | None = None,
+                 index: jax.Array | None = None
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, RouterStats | None]:
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, index)
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, k_pos, key_valid, window, q_offset,
+                                  kv, index)
         x = rounded_add(x, attn)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -137,24 +141,29 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
     return create(rngs)
 
 
-def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: jax.Array, cos: jax.Array, sin: jax.Array,
-               q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, token_valid: jax.Array,
-               cache: LayerStackCache | None, index: jax.Array | None
+def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
+               q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, q_offset: int | jax.Array | None,
+               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None
                ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
-    """Run stacked layers under one scan; `windows` [L] holds each layer's attention window, and the cache
-    (if any) is scanned along with the parameters, each layer reading and writing its own slice."""
+    """Run stacked layers under one scan; `windows` holds each layer's attention window, and the cache (if any)
+    is scanned along with the parameters, each layer reading and writing its own slice."""
     if stack is None:
         return x, cache, None
     graphdef, state = nnx.split(stack)
+    # One window for the whole stack stays a Python int, so that backends can build static masks from it
+    # (splash); layers that differ scan theirs as a traced value.
+    uniform = len(set(windows)) == 1
+    scanned_windows = None if uniform else jnp.asarray(windows, jnp.int32)
 
     def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, tuple]:
         layer_state, window, kv = layer_in
-        mask = make_attention_mask(q_pos, k_pos, key_valid, window)
-        h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, token_valid, kv, index)
+        window = windows[0] if uniform else window
+        h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, q_pos, k_pos, key_valid, window, q_offset,
+                                                        token_valid, kv, index)
         return constrain(h, ACTIVATION), (kv, stats)
 
     kv_in = None if cache is None else (cache.k, cache.v)
-    x, (kv_out, stats) = jax.lax.scan(body, x, (state, windows, kv_in))
+    x, (kv_out, stats) = jax.lax.scan(body, x, (state, scanned_windows, kv_in))
     return x, None if cache is None else LayerStackCache(*kv_out), stats
 
 
@@ -162,7 +171,7 @@ class Dots1ForCausalLM(nnx.Module):
     """logits = model(input_ids): int32 [batch, seq] -> [batch, seq, vocab] in the activation dtype."""
 
     def __init__(self, cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                 moe_backend: str = "auto", rngs: nnx.Rngs):
+                 moe_backend: str = "auto", attention_backend: str = "auto", rngs: nnx.Rngs):
         param_dtype = param_dtype or dtype
         std = cfg.initializer_range
         self.cfg = cfg
@@ -171,7 +180,8 @@ class Dots1ForCausalLM(nnx.Module):
                                    std=std)
 
         def layer(moe: bool) -> Callable[[nnx.Rngs], DecoderLayer]:
-            return lambda r: DecoderLayer(cfg, moe=moe, param_dtype=param_dtype, moe_backend=moe_backend, rngs=r)
+            return lambda r: DecoderLayer(cfg, moe=moe, param_dtype=param_dtype, moe_backend=moe_backend,
+                                          attention_backend=attention_backend, rngs=r)
 
         self.dense_layers = _layer_stack(cfg.num_dense_layers, layer(False), rngs)
         self.moe_layers = _layer_stack(cfg.num_moe_layers, layer(True), rngs)
@@ -183,8 +193,8 @@ class Dots1ForCausalLM(nnx.Module):
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype,
                                   std=std)
 
-    def _windows(self, layers: range) -> jax.Array:
-        return jnp.asarray([self.cfg.layer_window(i) or NO_WINDOW for i in layers], jnp.int32)
+    def _windows(self, layers: range) -> list[int]:
+        return [self.cfg.layer_window(i) or NO_WINDOW for i in layers]
 
     def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, cache: KVCache | None = None
@@ -208,9 +218,11 @@ class Dots1ForCausalLM(nnx.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {input_ids.shape}")
         b, s = input_ids.shape
+        # Default positions follow the cache slots: backends with slot-based masks (splash) may use them.
+        q_offset = None
         if positions is None:
-            start = 0 if cache is None else cache.index
-            positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+            q_offset = 0 if cache is None else cache.index
+            positions = jnp.broadcast_to(q_offset + jnp.arange(s, dtype=jnp.int32), (b, s))
         valid = jnp.ones((b, s), jnp.bool_) if attention_mask is None else jnp.asarray(attention_mask) != 0
         if cache is None:
             k_pos, key_valid, index = positions, valid, None
@@ -224,9 +236,9 @@ class Dots1ForCausalLM(nnx.Module):
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
         x, dense_cache, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
-                                       key_valid, valid, None if cache is None else cache.dense, index)
+                                       key_valid, q_offset, valid, None if cache is None else cache.dense, index)
         x, moe_cache, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos,
-                                         key_valid, valid, None if cache is None else cache.moe, index)
+                                         key_valid, q_offset, valid, None if cache is None else cache.moe, index)
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
         return self.norm(x), cache, stats
@@ -247,23 +259,24 @@ class Dots1ForCausalLM(nnx.Module):
 
 
 def abstract_model(cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                   moe_backend: str = "auto", seed: int = 0) -> Dots1ForCausalLM:
+                   moe_backend: str = "auto", attention_backend: str = "auto", seed: int = 0) -> Dots1ForCausalLM:
     """The model with ShapeDtypeStructs for weights: its structure, shapes and dtypes, no array computed (what a
     loader fills, a planner compiles, a checkpoint restores into)."""
     return nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                                   moe_backend=moe_backend, rngs=nnx.Rngs(seed)))
+                                                   moe_backend=moe_backend, attention_backend=attention_backend,
+                                                   rngs=nnx.Rngs(seed)))
 
 
 def random_model(cfg: Dots1Config, seed: int, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                 moe_backend: str = "auto") -> Dots1ForCausalLM:
+                 moe_backend: str = "auto", attention_backend: str = "auto") -> Dots1ForCausalLM:
     """A randomly initialised model, its init compiled as one program at XLA's lowest optimisation level: it
     runs once, and compiled optimised, or op by op as eager init does, it takes 15+ s on a small CPU (~2 s this
     way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers."""
     def make() -> Dots1ForCausalLM:
         return Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                                rngs=nnx.Rngs(seed))
+                                attention_backend=attention_backend, rngs=nnx.Rngs(seed))
 
     graphdef, _ = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                                           seed=seed))
+                                           attention_backend=attention_backend, seed=seed))
     init = jax.jit(lambda: nnx.state(make())).lower().compile({"xla_backend_optimization_level": 0})
     return nnx.merge(graphdef, init())

@@ -71,9 +71,12 @@ def _refit(model: Dots1ForCausalLM, cfg: Dots1Config, real: Dots1Config) -> Dots
     """`model`'s weights in a model built for `cfg`: every array cut or zero-padded at the end of each dimension
     whose size differs (dtypes kept); a padded model when cfg differs from the real config."""
     moe_backend = model.moe_layers.mlp.moe_backend if model.moe_layers is not None else "auto"
+    stack = model.dense_layers if model.dense_layers is not None else model.moe_layers
+    attention_backend = stack.self_attn.backend
 
     def build() -> Dots1ForCausalLM:
-        kwargs = dict(dtype=model.dtype, moe_backend=moe_backend, rngs=nnx.Rngs(0))
+        kwargs = dict(dtype=model.dtype, moe_backend=moe_backend, attention_backend=attention_backend,
+                      rngs=nnx.Rngs(0))
         if cfg == real:
             return Dots1ForCausalLM(cfg, **kwargs)
         return PaddedDots1ForCausalLM(cfg, unpadded_cfg=real, **kwargs)

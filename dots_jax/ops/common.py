@@ -1,12 +1,15 @@
-"""What the gmm backends (gmm.py), the CPU loop kernels (cpu_loops.py) and the model share: the group of each
-sorted row, the gmm shape check, and the bf16 rounding rules (round_to, and silu, which rounds as torch does)."""
+"""What the gmm backends (gmm.py), the CPU loop kernels (cpu_loops.py), the attention backends and the model share:
+the group of each sorted row, the gmm shape check, the bf16 rounding rules (round_to, and silu, which rounds as torch
+does), and the window of a full-attention layer."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_shapes", "round_to", "row_groups", "silu"]
+__all__ = ["NO_WINDOW", "check_shapes", "round_to", "row_groups", "silu"]
+
+NO_WINDOW = 2**30  # the attention "window" of a full-attention layer: larger than any sequence
 
 
 def check_shapes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:

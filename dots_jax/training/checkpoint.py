@@ -106,11 +106,12 @@ def restore(directory: str | os.PathLike, abstract_state: TrainState, step: int 
     return restored.state, restored.metadata
 
 
-def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.float32, moe_backend: str = "auto"
-                         ) -> tuple[nnx.GraphDef, TrainState]:
+def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.float32, moe_backend: str = "auto",
+                         attention_backend: str = "auto") -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs) for a model with f32 master weights and compute `dtype`:
     what restore() needs, built without computing a single weight (random init costs seconds of compiles)."""
-    model = abstract_model(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend)
+    model = abstract_model(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend,
+                           attention_backend=attention_backend)
     graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
     # init_state itself, traced: the optimizer state's structure is exactly what training creates.
     state = jax.eval_shape(lambda p, r: init_state(nnx.merge(graphdef, p, r), tc)[1], params, router_bias)

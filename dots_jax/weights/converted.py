@@ -184,7 +184,8 @@ def shardings_for(state: nnx.State, mesh: Mesh | None) -> dict[StatePath, jax.sh
 
 
 def load_converted(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-                   param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
+                   param_dtype: Any = None, moe_backend: str = "auto", attention_backend: str = "auto",
+                   progress: bool = True) -> Dots1ForCausalLM:
     """Restore a converted checkpoint with every parameter placed straight into its sharding on `mesh`.
 
     Each layer's item is restored into its device slices (Orbax/tensorstore read only the chunks a host's
@@ -194,7 +195,8 @@ def load_converted(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: 
     root = as_path(path)
     manifest = read_manifest(root)
     cfg = read_config(root)
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                              attention_backend=attention_backend)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     _check_manifest(manifest, flat, cfg)

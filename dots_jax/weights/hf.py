@@ -166,7 +166,7 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
 
 def load_hf(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,
             param_dtype: jnp.dtype | type | None = None, moe_backend: str = "auto",
-            progress: bool = True) -> Dots1ForCausalLM:
+            attention_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
     """Load an HF dots1 checkpoint (local directory or repo id) onto one device (weights.from_pretrained loads
     any source, onto a mesh too).
 
@@ -176,7 +176,8 @@ def load_hf(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,
     directory = resolve(path)
     cfg = Dots1Config.from_hf(directory)
     opened, plan = plan_tensors(directory, cfg)
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend)
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                              attention_backend=attention_backend)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items()}, directory)

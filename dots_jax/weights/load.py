@@ -18,19 +18,22 @@ from dots_jax.weights.hf import load_hf, resolve
 
 
 def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
-                    param_dtype: Any = None, moe_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
+                    param_dtype: Any = None, moe_backend: str = "auto", attention_backend: str = "auto",
+                    progress: bool = True) -> Dots1ForCausalLM:
     """Load dots.llm1 from a converted dots_jax checkpoint (a directory with manifest.json, restored straight
     into its shardings), or from an HF checkpoint (local directory or repo id).
 
     dtype is the activation dtype, param_dtype (default: dtype) the weights'; the router's correction bias stays
     f32. mesh: place every parameter by the sharding table (dots_jax.parallel.sharding); None = one device. An HF
     checkpoint is read on the host and then placed, so a whole-model host copy exists there: convert it first
-    for meshes.
+    for meshes. moe_backend and attention_backend choose the kernels (dots_jax.ops.gmm, dots_jax.ops.attention;
+    "auto" picks by device and shape).
     """
     if is_converted(path):
         return load_converted(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                              progress=progress)
-    model = load_hf(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, progress=progress)
+                              attention_backend=attention_backend, progress=progress)
+    model = load_hf(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
+                    attention_backend=attention_backend, progress=progress)
     if mesh is not None:
         nnx.update(model, shard_state(nnx.state(model), mesh))
     return model
