@@ -32,7 +32,8 @@ from test_tokenizer import save_bpe_tokenizer
 import dots_jax
 from dots_jax import sample as sample_cli
 from dots_jax.inference import generate as gen
-from dots_jax.model.modeling import RouterBias
+from dots_jax.model.attention import Attention
+from dots_jax.model.modeling import MoE, RouterBias
 from dots_jax.training.data import Batch
 from dots_jax.training.step import loss_fn
 
@@ -90,6 +91,18 @@ def test_sample_passes_each_option_to_generate_and_the_model(checkpoint, monkeyp
     got = {k: call[k] for k in ("temperature", "top_k", "top_p", "min_p", "seed")}
     assert got == {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0}
     assert {p.dtype for p in jax.tree.leaves(nnx.state(call["model"], nnx.Param))} == {jnp.dtype(jnp.float32)}
+
+
+def attention_backends(model) -> set[str]:
+    return {m.backend for _, m in nnx.iter_graph(model) if isinstance(m, Attention)}
+
+
+def test_sample_passes_the_kernel_backends_to_the_model(checkpoint, monkeypatch):
+    directory = checkpoint[0]
+    call = sample(monkeypatch, directory, "--attention-backend", "reference", "--moe-backend", "gather", run=False)
+    assert attention_backends(call["model"]) == {"reference"}
+    assert {m.moe_backend for _, m in nnx.iter_graph(call["model"]) if isinstance(m, MoE)} == {"gather"}
+    assert attention_backends(sample(monkeypatch, directory, run=False)["model"]) == {"auto"}
 
 
 def test_chat_and_system_feed_the_ids_of_apply_chat_template(checkpoint, monkeypatch):
