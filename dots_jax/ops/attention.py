@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from dots_jax.ops.common import NO_WINDOW
+from dots_jax.ops.flash import flash_attention
 
 __all__ = ["BACKENDS", "NO_WINDOW", "Backend", "attention", "default_backend", "make_attention_mask",
            "reference_attention", "register_backend"]
@@ -105,4 +106,5 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 
 BACKENDS: dict[str, Backend] = {
     "reference": reference_attention,
+    "flash": flash_attention,
 }
