@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from dots_jax.ops.common import NO_WINDOW
 from dots_jax.ops.flash import flash_attention
+from dots_jax.ops.splash import cudnn_attention, splash_attention
 
 __all__ = ["BACKENDS", "NO_WINDOW", "Backend", "attention", "default_backend", "make_attention_mask",
            "reference_attention", "register_backend"]
@@ -107,4 +108,6 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Arr
 BACKENDS: dict[str, Backend] = {
     "reference": reference_attention,
     "flash": flash_attention,
+    "splash": splash_attention,
+    "cudnn": cudnn_attention,
 }
