@@ -1,11 +1,14 @@
 """Generation throughput: dots_jax vs transformers (PyTorch) on the same random dots1-shaped weights, one run.
 
-For each config: greedy tokens must agree; then prefill tokens/s (one 512-token prompt), decode tokens/s at
-batch 1 and 8, the ratios (ours / reference), and the batch-1 memory-bandwidth floor: the bytes of the weights
+For each config: greedy tokens must agree; then prefill tokens/s (one prompt of each --prefill-tokens length,
+default 512 and 4096: our prefill, generate() with one new token, against transformers' forward), decode tokens/s
+at batch 1 and 8, the ratios (ours / reference), and the batch-1 memory-bandwidth floor: the bytes of the weights
 one decode step must read (attention, dense/shared MLPs, the chosen experts, the head) / the machine's measured
-copy bandwidth, and our fraction of it. Prints a table and writes JSON.
+copy bandwidth, and our fraction of it. transformers runs its default attention (sdpa), dots_jax the
+--attention-backend (default auto). Prints a table and writes JSON.
 
-    python benchmarks/generate_cpu.py [--configs small,large] [--out benchmarks/results/generate_cpu.json]
+    python benchmarks/generate_cpu.py [--configs small,large] [--prefill-tokens 512,4096]
+                                      [--attention-backend auto] [--out benchmarks/results/generate_cpu.json]
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from oracle import hf_config, hf_model, save  # noqa: E402
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 import dots_jax  # noqa: E402
-from dots_jax.inference.generate import generate  # noqa: E402
+from dots_jax.inference.generate import bucket_length, generate  # noqa: E402
+from dots_jax.ops.attention import BACKENDS, default_backend  # noqa: E402
 
 CONFIGS = {
     # ~90M parameters: hidden 512, 6 layers, 32 experts, top-6, 2 shared.
@@ -45,8 +49,8 @@ CONFIGS = {
                   num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
                   num_experts_per_tok=6, n_shared_experts=2, routed_scaling_factor=2.5),
 }
-PREFILL_TOKENS = 512
 DECODE_TOKENS = 32
+MAX_POSITIONS = 8192  # room for the longest prefill row
 
 
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -85,14 +89,18 @@ def _once(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_config(name: str, overrides: dict, bandwidth: float) -> dict:
-    cfg = hf_config(**overrides, max_position_embeddings=2048)
+def bench_config(name: str, overrides: dict, bandwidth: float, prefill_tokens: list[int],
+                 attention_backend: str) -> dict:
+    cfg = hf_config(**overrides, max_position_embeddings=MAX_POSITIONS)
     ref = hf_model(cfg, bias_std=0.01)
+    ref.set_attn_implementation("sdpa")  # the oracle's builder picks eager; users get transformers' default
     params = sum(p.numel() for p in ref.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        ours = dots_jax.from_pretrained(save(ref, Path(tmp) / name), dtype=jnp.float32, progress=False)
+        ours = dots_jax.from_pretrained(save(ref, Path(tmp) / name), dtype=jnp.float32,
+                                        attention_backend=attention_backend, progress=False)
     rng = np.random.default_rng(0)
-    row = {"config": name, "params_M": round(params / 1e6, 1)}
+    row = {"config": name, "params_M": round(params / 1e6, 1), "attention_backend": attention_backend,
+           "attn_implementation": ref.config._attn_implementation}
 
     # Same greedy tokens (the speed of a wrong answer is worth nothing).
     prompt = rng.integers(0, cfg.vocab_size, size=(1, 24)).tolist()
@@ -101,11 +109,16 @@ def bench_config(name: str, overrides: dict, bandwidth: float) -> dict:
         theirs = ref.generate(torch.tensor(prompt), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 24:]
     row["greedy_tokens_equal"] = mine == theirs.tolist()
 
-    long_prompt = rng.integers(0, cfg.vocab_size, size=(1, PREFILL_TOKENS)).tolist()
-    ours_prefill = timed(lambda: generate(ours, long_prompt, max_new_tokens=1, stop_token_ids=[]))
-    with torch.no_grad():
-        ref_prefill = timed(lambda: ref(torch.tensor(long_prompt)))
-    row["prefill_tok_s"] = {"ours": PREFILL_TOKENS / ours_prefill, "ref": PREFILL_TOKENS / ref_prefill}
+    for n in prefill_tokens:
+        long_prompt = rng.integers(0, cfg.vocab_size, size=(1, n)).tolist()
+        ours_prefill = timed(lambda p=long_prompt: generate(ours, p, max_new_tokens=1, stop_token_ids=[]))
+        with torch.no_grad():
+            ref_prefill = timed(lambda p=long_prompt: ref(torch.tensor(p)))
+        row[f"prefill_{n}_tok_s"] = {"ours": n / ours_prefill, "ref": n / ref_prefill}
+        if attention_backend == "auto":  # what auto picks for the prompt's queries against generate()'s cache
+            s = bucket_length(n)
+            row[f"prefill_{n}_attention_backend"] = default_backend(s, s + bucket_length(1))
+        print(f"[{name}] prefill {n}: ours {n / ours_prefill:.1f} tok/s, ref {n / ref_prefill:.1f} tok/s", flush=True)
 
     for batch in (1, 8):
         prompts = rng.integers(0, cfg.vocab_size, size=(batch, 16)).tolist()
@@ -128,6 +141,9 @@ def bench_config(name: str, overrides: dict, bandwidth: float) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="small,large")
+    parser.add_argument("--prefill-tokens", default="512,4096", help="comma-separated prompt lengths")
+    parser.add_argument("--attention-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                        help="dots_jax's attention (auto: dots_jax.ops.attention's choice for the shape)")
     parser.add_argument("--out", default="benchmarks/results/generate_cpu.json")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -138,18 +154,22 @@ def main() -> int:
                "torch": torch.__version__, "transformers": transformers.__version__,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
                "device": str(jax.devices()[0]), "loadavg_1_5_15_start": list(os.getloadavg())}
-    rows = [bench_config(name, CONFIGS[name], bandwidth) for name in args.configs.split(",")]
+    prefill_tokens = [int(n) for n in args.prefill_tokens.split(",")]
+    if max(prefill_tokens) + 1 > MAX_POSITIONS:
+        parser.error(f"--prefill-tokens: at most {MAX_POSITIONS - 1}")
+    rows = [bench_config(name, CONFIGS[name], bandwidth, prefill_tokens, args.attention_backend)
+            for name in args.configs.split(",")]
     machine["loadavg_1_5_15_end"] = list(os.getloadavg())
 
     print(f"machine: {machine['processor']}, {machine['cpus']} cpus, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
           f"load average {machine['loadavg_1_5_15_start'][0]:.1f} -> {machine['loadavg_1_5_15_end'][0]:.1f}")
-    header = f"{'config':8} {'params':>7} {'same':>5} {'phase':>10} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6}"
+    header = f"{'config':8} {'params':>7} {'same':>5} {'phase':>12} {'ours tok/s':>11} {'ref tok/s':>10} {'ratio':>6}"
     print(header)
     print("-" * len(header))
     for row in rows:
-        for phase in ("prefill", "decode_b1", "decode_b8"):
+        for phase in (*(f"prefill_{n}" for n in prefill_tokens), "decode_b1", "decode_b8"):
             r = row[f"{phase}_tok_s"]
-            print(f"{row['config']:8} {row['params_M']:>6}M {row['greedy_tokens_equal']!s:>5} {phase:>10} "
+            print(f"{row['config']:8} {row['params_M']:>6}M {row['greedy_tokens_equal']!s:>5} {phase:>12} "
                   f"{r['ours']:>11.1f} {r['ref']:>10.1f} {r['ours'] / r['ref']:>6.2f}")
         print(f"{'':8} batch-1 bandwidth floor {row['decode_b1_floor_tok_s']:.1f} tok/s; "
               f"ours = {100 * row['decode_b1_fraction_of_floor']:.0f}% of it")

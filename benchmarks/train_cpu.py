@@ -17,11 +17,16 @@ and fwd+bwd of sub-blocks on the same random activations [batch, seq, hidden], t
   (final norm, LM head, cross-entropy). "other" is fwd+bwd minus their sum (embedding, residuals, layer norms,
   routing statistics, layer loop).
 
-dots_jax runs its CPU defaults (moe_backend auto = the "loop" grouped matmul with its custom VJP); transformers
-runs its defaults (sdpa attention, grouped_mm experts). XLA:CPU uses all cores; torch gets
-torch.set_num_threads(os.cpu_count()), stated in the output. Prints a table and writes JSON.
+The attention row also times dots_jax's attention block with a second backend (--compare-attention, default
+"reference") on the same weights and activations, beside the chosen one and transformers' sdpa block.
 
-    python benchmarks/train_cpu.py [--quick] [--steps N] [--configs small,medium]
+dots_jax runs its CPU defaults (moe_backend auto = the "loop" grouped matmul with its custom VJP; attention_backend
+as --attention-backend, default auto); transformers runs its defaults (sdpa attention, grouped_mm experts). XLA:CPU
+uses all cores; torch gets torch.set_num_threads(os.cpu_count()), stated in the output. Every config runs at every
+batch x seq shape of --shapes (default 8x256 and 2x2048). Prints a table and writes JSON.
+
+    python benchmarks/train_cpu.py [--quick] [--steps N] [--configs small,medium] [--shapes 8x256,2x2048]
+                                   [--attention-backend auto] [--compare-attention reference]
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 import dots_jax  # noqa: E402
 from dots_jax import training as train  # noqa: E402
 from dots_jax.model.attention import rope_tables  # noqa: E402
-from dots_jax.ops.attention import NO_WINDOW  # noqa: E402
+from dots_jax.ops.attention import BACKENDS, NO_WINDOW, default_backend  # noqa: E402
 from dots_jax.ops.head_loss import head_nll  # noqa: E402
 from dots_jax.parallel.cpu_tuning import tune_allocator  # noqa: E402
 
@@ -118,8 +123,10 @@ def torch_adamw(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], torch
 
 # ================================================================================================ dots_jax side
 class Ours:
-    def __init__(self, path: Path, ids: np.ndarray, x: np.ndarray):
-        self.model = dots_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
+    def __init__(self, path: Path, ids: np.ndarray, x: np.ndarray, attention_backend: str,
+                 compare_attention: str | None):
+        self.model = dots_jax.from_pretrained(path, dtype=jnp.float32, attention_backend=attention_backend,
+                                              progress=False)
         self.cfg = self.model.cfg
         self.tc = tc = reference_train_config()
         self.batch = next_token_batch(ids)
@@ -140,7 +147,7 @@ class Ours:
 
         self._update = jax.jit(update, donate_argnums=(1, 2))
         self.grads = None
-        self._blocks(x)
+        self._blocks(x, compare_attention)
 
     def first_loss(self) -> float:
         return float(self._loss(self.state.params, self.state.router_bias, self.batch))
@@ -168,9 +175,9 @@ class Ours:
         self.last_loss = metrics["loss"]
 
     # ---------------------------------------------------------------------------------------- sub-blocks
-    def _blocks(self, x_np: np.ndarray) -> None:
+    def _blocks(self, x_np: np.ndarray, compare_attention: str | None) -> None:
         """Jitted fwd+bwd (w.r.t. parameters and input) of one layer's MoE, attention and dense MLP, and of the
-        head, on activations x [B, S, H]."""
+        head, on activations x [B, S, H]; the same attention layer with the compare_attention backend too."""
         cfg = self.cfg
         x = jnp.asarray(x_np)
         b, s, _ = x.shape
@@ -178,7 +185,7 @@ class Ours:
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         valid = jnp.ones((b, s), jnp.bool_)
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, jnp.float32)
-        mask = (positions, positions, valid, NO_WINDOW, 0)
+        mask = (positions, positions, valid)
 
         def layer(stack):
             gd, st = nnx.split(stack)
@@ -203,7 +210,15 @@ class Ours:
             dense_layer = layer(self.model.dense_layers)
             self.blocks["dense_mlp"] = vjp_fn(dense_layer.mlp, lambda m, x: m(x))
             attn_layer = dense_layer
-        self.blocks["attention"] = vjp_fn(attn_layer.self_attn, lambda m, x, *a: m(x, *a)[0], cos, sin, *mask)
+        # The window and q_offset stay Python ints, as the model passes them (full attention, slots = positions).
+        def attend(m, x, *a):
+            return m(x, *a, NO_WINDOW, 0)[0]
+
+        self.blocks["attention"] = vjp_fn(attn_layer.self_attn, attend, cos, sin, *mask)
+        if compare_attention is not None:
+            other = nnx.clone(attn_layer.self_attn)
+            other.backend = compare_attention
+            self.blocks["attention_compare"] = vjp_fn(other, attend, cos, sin, *mask)
 
         targets, loss_mask = self.batch.targets, self.batch.loss_mask
         norm_gd, norm_params = nnx.split(self.model.norm)
@@ -309,8 +324,9 @@ class Reference:
 
 
 # ================================================================================================ driver
-def bench_config(name: str, batch: int, seq: int, runs: int) -> dict:
-    cfg = transformers.Dots1Config(**{**COMMON, **CONFIGS[name]})
+def bench_config(name: str, batch: int, seq: int, runs: int, attention_backend: str,
+                 compare_attention: str | None) -> dict:
+    cfg = transformers.Dots1Config(**{**COMMON, **CONFIGS[name], "max_position_embeddings": max(2048, seq)})
     torch.manual_seed(0)
     ref_model = transformers.Dots1ForCausalLM(cfg)  # transformers' own init (std 0.02), f32
     params = sum(p.numel() for p in ref_model.parameters())
@@ -319,16 +335,19 @@ def bench_config(name: str, batch: int, seq: int, runs: int) -> dict:
     x = rng.standard_normal((batch, seq, cfg.hidden_size), np.float32)  # sub-block activations (unit RMS)
     with tempfile.TemporaryDirectory() as tmp:
         ref_model.save_pretrained(Path(tmp) / name)
-        ours = Ours(Path(tmp) / name, ids, x)
+        ours = Ours(Path(tmp) / name, ids, x, attention_backend, compare_attention)
     ref = Reference(ref_model, ids, x)
     tokens = batch * seq
 
     loss_ours, loss_ref = ours.first_loss(), ref.first_loss()
+    resolved = default_backend(seq, seq) if attention_backend == "auto" else attention_backend
     row = {"config": name, "params_M": round(params / 1e6, 1), "batch": batch, "seq": seq, "tokens": tokens,
            "first_loss": {"ours": loss_ours, "ref": loss_ref, "abs_diff": abs(loss_ours - loss_ref)},
            "experts_implementation": ref_model.config._experts_implementation,
-           "attn_implementation": ref_model.config._attn_implementation, "moe_backend": "auto (loop on CPU)"}
-    print(f"[{name}] {params / 1e6:.1f}M params, batch {batch}x{seq}; first-step loss ours {loss_ours:.6f} "
+           "attn_implementation": ref_model.config._attn_implementation, "moe_backend": "auto (loop on CPU)",
+           "attention_backend": f"{attention_backend} ({resolved})" if attention_backend == "auto" else resolved}
+    print(f"[{name}] {params / 1e6:.1f}M params, batch {batch}x{seq}, attention {row['attention_backend']}; "
+          f"first-step loss ours {loss_ours:.6f} "
           f"ref {loss_ref:.6f} (|diff| {abs(loss_ours - loss_ref):.2e})", flush=True)
     if not abs(loss_ours - loss_ref) <= LOSS_TOLERANCE:
         raise SystemExit(f"first-step losses differ by more than {LOSS_TOLERANCE}: not the same computation")
@@ -341,13 +360,20 @@ def bench_config(name: str, batch: int, seq: int, runs: int) -> dict:
         print(f"[{name}] {piece}: ours {pieces[piece]['ours']:.1f} ms, ref {pieces[piece]['ref']:.1f} ms", flush=True)
     counts = {"moe": cfg.num_hidden_layers - cfg.first_k_dense_replace, "dense_mlp": cfg.first_k_dense_replace,
               "attention": cfg.num_hidden_layers, "head": 1}
-    blocks = {}
+    blocks, attention_ms = {}, {}
     for block, count in counts.items():
         if block in ours.blocks:
-            t = interleaved({"ours": ours.blocks[block], "ref": ref.blocks[block]}, runs)
-            blocks[block] = {k: 1e3 * v * count for k, v in t.items()}
-            print(f"[{name}] {block} (x{count}) fwd+bwd: ours {blocks[block]['ours']:.1f} ms, "
-                  f"ref {blocks[block]['ref']:.1f} ms", flush=True)
+            fns = {"ours": ours.blocks[block], "ref": ref.blocks[block]}
+            if block == "attention" and "attention_compare" in ours.blocks:
+                fns["compare"] = ours.blocks["attention_compare"]
+            t = {k: 1e3 * v * count for k, v in interleaved(fns, runs).items()}
+            blocks[block] = {"ours": t["ours"], "ref": t["ref"]}
+            print(f"[{name}] {block} (x{count}) fwd+bwd: ours {t['ours']:.1f} ms, ref {t['ref']:.1f} ms"
+                  + (f", ours with {compare_attention} {t['compare']:.1f} ms" if "compare" in t else ""), flush=True)
+            if block == "attention":
+                attention_ms = {resolved: t["ours"], "transformers sdpa": t["ref"]}
+                if "compare" in t:
+                    attention_ms[compare_attention] = t["compare"]
     blocks["other"] = {k: pieces["fwd_bwd"][k] - sum(b[k] for b in blocks.values()) for k in ("ours", "ref")}
     load.append(os.getloadavg()[0])
 
@@ -359,6 +385,7 @@ def bench_config(name: str, batch: int, seq: int, runs: int) -> dict:
     row["ratio"] = row["tokens_per_s"]["ours"] / row["tokens_per_s"]["ref"]
     row["pieces_ms"] = pieces
     row["fwd_bwd_breakdown_ms"] = blocks
+    row["attention_fwd_bwd_ms_by_backend"] = attention_ms
     row["load_average_1min"] = load
     print(f"[{name}] step: ours {row['step_ms']['ours']:.1f} ms, ref {row['step_ms']['ref']:.1f} ms "
           f"(ratio {row['ratio']:.2f})", flush=True)
@@ -373,11 +400,12 @@ def print_table(rows: list[dict], machine: dict) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:7} {r['params_M']:>6}M {r['batch']:>3}x{r['seq']:<3} {r['tokens_per_s']['ours']:>11.0f} "
+        print(f"{r['config']:7} {r['params_M']:>6}M {r['batch']:>2}x{r['seq']:<4} {r['tokens_per_s']['ours']:>11.0f} "
               f"{r['tokens_per_s']['ref']:>10.0f} {r['ratio']:>6.2f} {r['first_loss']['abs_diff']:>9.1e} "
               f"{max(r['load_average_1min']):>5.2f}")
     for r in rows:
-        print(f"\n{r['config']}: where the time goes (ms per step, median)")
+        print(f"\n{r['config']} {r['batch']}x{r['seq']}, attention {r['attention_backend']}: where the time goes "
+              "(ms per step, median)")
         print(f"  {'component':28} {'ours':>9} {'reference':>10} {'ratio':>6}")
         lines = [("step (fwd + bwd + optimizer)", r["step_ms"])]
         lines += [(f"  {p}", r["pieces_ms"][p]) for p in ("forward", "fwd_bwd", "optimizer")]
@@ -385,22 +413,33 @@ def print_table(rows: list[dict], machine: dict) -> None:
         for label, v in lines:
             ratio = v["ref"] / v["ours"] if v["ours"] > 0 else float("nan")
             print(f"  {label:28} {v['ours']:>9.1f} {v['ref']:>10.1f} {ratio:>6.2f}")
+        sdpa = r["attention_fwd_bwd_ms_by_backend"]["transformers sdpa"]
+        for backend, ms in r["attention_fwd_bwd_ms_by_backend"].items():
+            print(f"    attention fwd+bwd, {backend:17} {ms:>9.1f} ms   sdpa / it {sdpa / ms:>5.2f}")
         print("  (ratio = reference time / ours: > 1 means dots_jax is faster)")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small config only, 3 timed runs, batch 4x128")
+    parser.add_argument("--quick", action="store_true", help="small config only, 3 timed runs, shape 4x128")
     parser.add_argument("--steps", type=int, default=None, help="timed runs per measurement (default 5, quick 3)")
     parser.add_argument("--configs", default="small", help=f"comma-separated, of {sorted(CONFIGS)}")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--shapes", default="8x256,2x2048", help="comma-separated batch x seq shapes")
+    parser.add_argument("--attention-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
+                        help="dots_jax's attention (auto: dots_jax.ops.attention's choice for the shape)")
+    parser.add_argument("--compare-attention", choices=["none", *sorted(BACKENDS)], default="reference",
+                        help="a second backend for the attention block alone, on the same weights (none: skip)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                         help="torch intra-op threads (default os.cpu_count(): all cores, as XLA:CPU uses)")
     parser.add_argument("--out", default="benchmarks/results/train_cpu.json")
     args = parser.parse_args()
     runs = args.steps or (3 if args.quick else 5)
-    batch, seq = (4, 128) if args.quick else (args.batch, args.seq_len)
+    shapes = []
+    for shape in ("4x128" if args.quick else args.shapes).split(","):
+        batch, _, seq = shape.partition("x")
+        if not (batch.isdigit() and seq.isdigit()):
+            parser.error(f"--shapes wants batch x seq pairs such as 8x256,2x2048, got {args.shapes!r}")
+        shapes.append((int(batch), int(seq)))
     configs = ["small"] if args.quick else args.configs.split(",")
     for c in configs:
         if c not in CONFIGS:
@@ -413,7 +452,9 @@ def main() -> int:
                "transformers": transformers.__version__, "device": str(jax.devices()[0]),
                "torch_threads": torch.get_num_threads(), "xla_threads": "all cores (XLA:CPU default)",
                "load_start": round(os.getloadavg()[0], 2), "timed_runs": runs}
-    rows = [bench_config(name, batch, seq, runs) for name in configs]
+    compare = None if args.compare_attention in ("none", args.attention_backend) else args.compare_attention
+    rows = [bench_config(name, batch, seq, runs, args.attention_backend, compare)
+            for name in configs for batch, seq in shapes]
     machine["load_end"] = round(os.getloadavg()[0], 2)
     print_table(rows, machine)
 

@@ -39,12 +39,13 @@ def throughput_plot() -> None:
     train = json.loads((RESULTS / "train_cpu.json").read_text())
     labels, ratios = [], []
     for r in generate["results"]:
-        for phase, key in (("prefill", "prefill_tok_s"), ("decode b1", "decode_b1_tok_s"),
-                           ("decode b8", "decode_b8_tok_s")):
+        prefills = [(f"prefill {key.split('_')[1]}", key) for key in r if key.startswith("prefill_")
+                    and key.endswith("_tok_s")]
+        for phase, key in (*prefills, ("decode b1", "decode_b1_tok_s"), ("decode b8", "decode_b8_tok_s")):
             labels.append(f"{r['config']} {r['params_M']:.0f}M\n{phase}")
             ratios.append(r[key]["ours"] / r[key]["ref"])
     for r in train["results"]:
-        labels.append(f"{r['config']} {r['params_M']:.1f}M\ntrain step")
+        labels.append(f"{r['config']} {r['params_M']:.1f}M\ntrain {r['batch']}x{r['seq']}")
         ratios.append(r["ratio"])
     fig, ax = plt.subplots(figsize=(9, 3.6))
     colors = ["tab:green" if x >= 1 else "tab:red" for x in ratios]
