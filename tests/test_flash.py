@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dots_jax.ops.attention import NO_WINDOW, make_attention_mask, reference_attention
-from dots_jax.ops.flash import _key_ranges, flash_attention
+from dots_jax.ops.flash import FULL, MASKED, SKIP, _block_kinds, _ranges, flash_attention
 
 TOL = 1e-5
 
@@ -73,18 +73,24 @@ def test_single_token():
 
 
 def test_skipped_blocks():
-    """The key blocks computed per query block of 8: causal stops at the diagonal, a window starts late, a cache
-    stops at its last written slot, and an invalid prefix is skipped."""
-    def ranges(q_pos, k_pos, valid, window, bq=8, bk=8):
+    """The key blocks computed per query block of 8: causal stops at the diagonal (blocks below it unmasked), a
+    window starts late, a cache stops at its last written slot, and an invalid prefix is skipped."""
+    def kinds(q_pos, k_pos, valid, window, bq=8, bk=8):
         b, s = q_pos.shape
         q = jnp.asarray(q_pos).reshape(b, s // bq, bq).transpose(1, 0, 2)
         t = k_pos.shape[1]
-        return np.asarray(_key_ranges(q, jnp.ones_like(q, bool), jnp.asarray(k_pos), jnp.asarray(valid),
-                                      jnp.int32(window), bk, -(-t // bk))).tolist()
+        return _block_kinds(q, jnp.ones_like(q, bool), jnp.asarray(k_pos), jnp.asarray(valid), jnp.int32(window),
+                            bk, -(-t // bk))
+
+    def ranges(*args, **kwargs):
+        return np.asarray(_ranges(kinds(*args, **kwargs))).tolist()
 
     pos = np.broadcast_to(np.arange(32), (2, 32))
     every = np.ones((2, 32), bool)
     assert ranges(pos, pos, every, NO_WINDOW) == [[0, 1], [0, 2], [0, 3], [0, 4]]
+    # Below the diagonal every query attends every key: no mask there.
+    want = np.where(np.tri(4, k=-1, dtype=bool), FULL, np.where(np.eye(4, dtype=bool), MASKED, SKIP))
+    np.testing.assert_array_equal(kinds(pos, pos, every, NO_WINDOW), want)
     assert ranges(pos, pos, every, 8) == [[0, 1], [0, 2], [1, 3], [2, 4]]
     cache = np.arange(40)[None, :] < np.array([[10], [3]])
     assert ranges(np.array([[9], [2]]), np.broadcast_to(np.arange(40), (2, 40)), cache, NO_WINDOW, bq=1) == [[0, 2]]
