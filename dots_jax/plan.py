@@ -58,6 +58,8 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 32, 918e12, 1640e9, 1),
 }
 MODES = ("decode", "prefill", "train")
+# The TPU kernels, named: "auto" resolves by the host's platform, and a planner host is a CPU.
+ATTENTION_BACKEND = "splash"
 
 
 class PlanError(UserError):
@@ -204,7 +206,8 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
         from dots_jax.training.step import TrainConfig, train_step
 
         tc = TrainConfig()
-        graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas")
+        graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
+                                               attention_backend=ATTENTION_BACKEND)
         state = with_shardings(state, param_shardings(state, mesh))
         weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
         data = Batch(tokens_sds((batch, seq)), tokens_sds((batch, seq)), tokens_sds((batch, seq), jnp.float32))
@@ -212,7 +215,8 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
         with jax.set_mesh(mesh):
             return step.lower(graphdef, tc, state, data), weights, 0
 
-    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas")
+    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
+                           attention_backend=ATTENTION_BACKEND)
     graphdef, state = nnx.split(model)
     state = with_shardings(state, param_shardings(state, mesh))
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
@@ -260,6 +264,15 @@ def needed_from_message(message: str) -> float | None:
         if m:
             return float(m.group(1)) * _UNIT[m.group(2).upper()] / GiB
     return None
+
+
+# Our gmm kernels' names and splash attention's (splash_{mha,mqa}_{fwd,dq,dkv}[_segmented]_{residuals,...}).
+_KERNEL_NAMES = re.compile(r"\b(dots_t?gmm(?:_t)?|splash_m[hq]a_\w+?_(?:no_)?residuals)\b")
+
+
+def mosaic_kernels(hlo_text: str) -> list[str]:
+    """The Pallas kernels (Mosaic custom calls) a compiled TPU module holds, by name."""
+    return sorted(set(_KERNEL_NAMES.findall(hlo_text))) if "tpu_custom_call" in hlo_text else []
 
 
 def _split_physical_mesh(mesh_spec: str, devices):
@@ -339,6 +352,7 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
         report.update(fits=False, needs_gib=needs, compiler_message=message.splitlines()[0][:500])
         return report
     report["compile_s"] = time.perf_counter() - t0
+    report["mosaic_kernels"] = mosaic_kernels(compiled.as_text())
     mem = compiled.memory_analysis()
     args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
@@ -400,6 +414,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{1e3 * roof['step_time_s']:.2f} ms: compute {1e3 * roof['compute_time_s']:.2f} ms, memory "
         f"{1e3 * roof['memory_time_s']:.2f} ms)",
     ]
+    if r.get("mosaic_kernels"):
+        lines.append(f"Pallas kernels in the compiled step: {', '.join(r['mosaic_kernels'])}")
     if "compiler_cost_analysis" in r:
         c = r["compiler_cost_analysis"]
         lines.append(f"compiler cost_analysis (reference only: counts a scanned layer once, padded rows too): "

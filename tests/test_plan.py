@@ -53,6 +53,9 @@ def test_prefill_of_the_full_model_compiles() -> None:
     assert r["fits"] and 0 < r["memory_gib"]["total"] < 95
     assert r["arithmetic"]["tokens_per_step"] == 8 * 512
     assert r["roofline"]["tokens_per_s"] > 0
+    # The planner compiles with splash attention: a prompt into a fresh cache runs its forward kernel (segment
+    # ids: padding keys), beside the MoE's gmm.
+    assert {"splash_mqa_fwd_segmented_no_residuals", "dots_gmm"} <= set(r["mosaic_kernels"]), r["mosaic_kernels"]
 
 
 def test_a_configuration_that_does_not_fit_says_so(capsys, tmp_path) -> None:
@@ -102,6 +105,11 @@ def test_training_step_compiles_with_fsdp_and_expert_parallelism() -> None:
     # f32 params + two f32 moments: routed experts 135e9 x 12 B / 128 chips, the rest 7.7e9 x 12 B / 8.
     assert 20 < m["weights"] < 25 and m["weights"] < m["total"] < 95
     assert r["arithmetic"]["tokens_per_step"] == 128 * 128
+    # splash attention's forward and both backward kernels, and the gmm's three.
+    kernels = r["mosaic_kernels"]
+    for phase in ("fwd", "dq", "dkv"):  # the forward saves its logsumexp for the backward: "_residuals"
+        assert any(name.startswith(f"splash_mqa_{phase}_segmented_") for name in kernels), kernels
+    assert {"dots_gmm", "dots_gmm_t", "dots_tgmm"} <= set(kernels), kernels
 
 
 def test_plan_table_help_runs_nothing() -> None:

@@ -152,3 +152,27 @@ def test_tiling_table_compiles_for_every_dots1_shape(mesh) -> None:
                     abstract((groups,), jnp.int32, one_chip, P()))
             compiled = jax.jit(functools.partial(fn)).lower(*args).compile()
             assert mosaic_kernels(compiled) == {"dots_gmm", "dots_gmm_t", "dots_tgmm"}, (m, k, n)
+
+
+def test_splash_attention_compiles_for_tpu(mesh) -> None:
+    """The "splash" attention backend at dots1's attention shapes (32 heads of 128, a 4096-token causal prompt:
+    512-slot blocks, as at long context; padding keys), forward and the q/k/v gradients, heads split over the 8
+    chips in shard_map: the compiled module holds splash's Mosaic kernels (forward, dq, dkv), not the
+    interpreter. (The 32768-token prompt of the full model is a planner row: benchmarks/plan_table.py.)"""
+    from dots_jax.ops.attention import attention
+
+    b, s, n, d = 2, 4096, 32, 128
+
+    def loss(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
+        pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        out = attention(q, k, v, pos, pos, key_valid, q_offset=0, backend="splash")
+        return jnp.sum(out.astype(jnp.float32))
+
+    qkv = abstract((b, s, n, d), jnp.bfloat16, mesh, P())
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(
+            qkv, qkv, qkv, abstract((b, s), jnp.bool_, mesh, P())).compile()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text
+    for phase in ("fwd", "dq", "dkv"):  # the forward saves its logsumexp for the backward: "_residuals"
+        assert f"splash_mqa_{phase}_segmented_" in text, phase
