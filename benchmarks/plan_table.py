@@ -33,6 +33,9 @@ ROWS = [
     ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096),
     ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096),
     ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128),
+    # Long context, splash attention (the planner compiles with it)
+    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768),
+    ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192),
 ]
 OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
 
