@@ -21,27 +21,28 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 
 from dots_jax.plan import TABLE_HEADER, plan, table_row  # noqa: E402
 
-# (topology, mesh, mode, batch, seq)
+# (topology, mesh, mode, batch, seq, remat)
 ROWS = [
-    ("v5p:4x4x4", "expert=16,fsdp=4", "decode", 64, 4096),
-    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 8, 4096),
-    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 4096),
-    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 1024),
-    ("v5e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096),
-    ("v5e:16x16", "expert=64,fsdp=4", "decode", 256, 4096),
-    ("v5e:16x16", "expert=64,fsdp=4", "prefill", 16, 4096),
-    ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096),
-    ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096),
-    ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "decode", 64, 4096, False),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 8, 4096, False),
+    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 4096, False),
+    ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 1024, False),
+    ("v5e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096, False),
+    ("v5e:16x16", "expert=64,fsdp=4", "decode", 256, 4096, False),
+    ("v5e:16x16", "expert=64,fsdp=4", "prefill", 16, 4096, False),
+    ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096, False),
+    ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096, False),
+    ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128, False),
     # Long context, splash attention (the planner compiles with it)
-    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768),
-    ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768, False),
+    ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, False),
+    ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, True),
 ]
 OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
 
 
 def _key(r: dict) -> tuple:
-    return r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"]
+    return r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"], r.get("remat", False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,10 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         if row in done:
             reports.append(done[row])
             continue
-        topology, mesh, mode, batch, seq = row
+        topology, mesh, mode, batch, seq, remat = row
         t0 = time.perf_counter()
-        r = plan(topology, mesh, batch, seq, mode)
-        print(f"{topology} {mesh} {mode} {batch}x{seq}: {'fits' if r['fits'] else 'does not fit'} "
+        r = plan(topology, mesh, batch, seq, mode, remat=remat)
+        what = f"{topology} {mesh} {mode}{' remat' if remat else ''} {batch}x{seq}"
+        print(f"{what}: {'fits' if r['fits'] else 'does not fit'} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         reports.append(r)
         write_results(OUT, {"model": "dots.llm1.inst (142B)", "rows": reports})

@@ -127,15 +127,17 @@ def experts_hit_fraction(cfg, tokens: int) -> float:
     return 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** tokens
 
 
-def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int]) -> dict[str, float]:
+def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int], remat: bool = False
+                    ) -> dict[str, float]:
     """Hand-computed flops and HBM bytes per step, total and on the busiest chip.
 
     flops: 2 x active weights per token for the matmuls, plus attention's QK^T and PV (4 x heads x head_dim per
     attended key: the implementation scores every cache slot, masked, so a token attends to all `seq` slots);
-    training is 3x the forward (backward = 2x). bytes per chip: the weights each chip reads (attention, dense
-    and shared weights whole per chip, split only by the tensor axis; routed experts: the share that the step's
-    tokens hit, split over the expert axis), the KV cache split over the batch axes, and in training the f32
-    master weights, gradients and AdamW moments (read + written) of the chip's own shard.
+    training is 3x the forward (backward = 2x), 4x with `remat` (the backward recomputes the forward). bytes per
+    chip: the weights each chip reads (attention, dense and shared weights whole per chip, split only by the tensor
+    axis; routed experts: the share that the step's tokens hit, split over the expert axis), the KV cache split
+    over the batch axes, and in training the f32 master weights, gradients and AdamW moments (read + written) of
+    the chip's own shard.
     """
     chips = math.prod(mesh_shape.values())
     tensor, expert = mesh_shape["tensor"], mesh_shape["expert"]
@@ -144,7 +146,7 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     tokens = batch * (1 if mode == "decode" else seq)
     attn_flops_per_token = 4 * cfg.num_attention_heads * cfg.head_dim * seq * cfg.num_hidden_layers
     forward = tokens * (2 * (active + head) + attn_flops_per_token)
-    flops = forward * (3 if mode == "train" else 1)
+    flops = forward * ((4 if remat else 3) if mode == "train" else 1)
 
     w_bytes = 4 if mode == "train" else 2  # f32 master weights in training (cast to bf16 per use), else bf16
     non_routed = sum(v for k, v in c.items() if k not in ("routed_experts", "embed"))
@@ -182,7 +184,7 @@ def _shard_bytes(sds) -> int:
     return math.prod(shape) * sds.dtype.itemsize
 
 
-def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
+def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat: bool):
     """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip)."""
     import jax
     import jax.numpy as jnp
@@ -205,7 +207,7 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool):
         from dots_jax.training.data import Batch
         from dots_jax.training.step import TrainConfig, train_step
 
-        tc = TrainConfig()
+        tc = TrainConfig(remat=remat)
         graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
                                                attention_backend=ATTENTION_BACKEND)
         state = with_shardings(state, param_shardings(state, mesh))
@@ -299,9 +301,10 @@ def _mesh(mesh_spec: str, devices):
 
 
 def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
-         auto_layout: bool = True) -> dict[str, Any]:
+         auto_layout: bool = True, remat: bool = False) -> dict[str, Any]:
     """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
-    `config`: a preset name, a config.json path or a Dots1Config."""
+    `config`: a preset name, a config.json path or a Dots1Config. `remat`: a training step that recomputes each
+    layer in its backward pass (`python -m dots_jax.train --remat`)."""
     if mode not in MODES:
         raise PlanError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch < 1 or seq < 1:
@@ -331,15 +334,17 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     except ValueError as e:
         raise PlanError(f"--mesh {mesh_spec!r}: {e}") from None
     shape = parse_mesh_spec(mesh_spec)
-    arith = step_arithmetic(cfg, mode, batch, seq, shape)
+    if remat and mode != "train":
+        raise PlanError("--remat applies to --mode train only (inference keeps no activations for a backward)")
+    arith = step_arithmetic(cfg, mode, batch, seq, shape, remat)
     report: dict[str, Any] = {
         "topology": topology, "slice": slice_name(topology), "chips": len(devices), "mesh": mesh_spec,
-        "mode": mode, "batch": batch, "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
+        "mode": mode, "remat": remat, "batch": batch, "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
         "arithmetic": arith, "roofline": roofline(arith, chip),
     }
     t0 = time.perf_counter()
     try:
-        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout)
+        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat)
         report["weights_gib"], report["kv_cache_gib"] = weights / GiB, kv / GiB
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, depending on the version
@@ -384,7 +389,8 @@ def _si(x: float, unit: str) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     a, roof = r["arithmetic"], r["roofline"]
-    lines = [f"dots.llm1 ({r['config']}, {a['total_params'] / 1e9:.1f}B params) {r['mode']}: batch {r['batch']}, "
+    mode = r["mode"] + (" (remat)" if r.get("remat") else "")
+    lines = [f"dots.llm1 ({r['config']}, {a['total_params'] / 1e9:.1f}B params) {mode}: batch {r['batch']}, "
              f"seq {r['seq']} on {r['slice']} ({r['topology']}, {r['chips']} chips), mesh {r['mesh']}"]
     if not r["fits"]:
         needs = r.get("needs_gib")
@@ -429,7 +435,8 @@ def table_row(r: dict[str, Any]) -> str:
     tps = f"{r['roofline']['tokens_per_s']:,.0f} ({r['roofline']['bound']})" if r["fits"] else "-"
     weights = f"{r['weights_gib']:.1f}" if "weights_gib" in r else "-"
     kv = f"{r['kv_cache_gib']:.1f}" if "kv_cache_gib" in r else "-"
-    return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {r['mode']} | {r['batch']} x {r['seq']} | "
+    mode = r["mode"] + (" (remat)" if r.get("remat") else "")
+    return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {mode} | {r['batch']} x {r['seq']} | "
             f"{weights} | {kv} | {mem} / {r['hbm_gib']:g} | {tps} |")
 
 
@@ -446,10 +453,13 @@ def _main(argv: Sequence[str] | None) -> int:
     p.add_argument("--mode", choices=MODES, default="decode")
     p.add_argument("--config", default="dots.llm1.inst", help="a preset in configs/ or a config.json path")
     p.add_argument("--no-auto-layout", action="store_true", help="keep the KV cache's default layout")
+    p.add_argument("--remat", action="store_true",
+                   help="train mode: recompute each layer in the backward pass, as `python -m dots_jax.train "
+                        "--remat` does (long sequences)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
     report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
-                  auto_layout=not args.no_auto_layout)
+                  auto_layout=not args.no_auto_layout, remat=args.remat)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per optimizer step (default 1); tokens per step = grad-accum x batch x "
                         "seq-len")
+    p.add_argument("--remat", action="store_true",
+                   help="recompute each layer's activations in the backward pass: activation memory of one layer "
+                        "instead of all, for about one more forward pass of compute (long sequences)")
     p.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                    help="compute dtype; the master weights and optimizer state are always float32")
     p.add_argument("--eval-every", type=int, default=100, help="eval loss every N steps, and at the end")
@@ -315,7 +318,8 @@ def run_training(args: argparse.Namespace) -> int:
     try:
         tc = TrainConfig(learning_rate=args.lr, total_steps=args.steps, warmup_steps=args.warmup,
                          decay_steps=args.decay, balance_loss_coef=args.balance_loss_coef,
-                         bias_update_rate=args.bias_update_rate, grad_accum_steps=args.grad_accum)
+                         bias_update_rate=args.bias_update_rate, grad_accum_steps=args.grad_accum,
+                         remat=args.remat)
     except ValueError as e:
         raise UserError(str(e)) from None
     dtype = cli.DTYPES[args.dtype]

@@ -143,10 +143,11 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
                q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, q_offset: int | jax.Array | None,
-               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None
+               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None, remat: bool
                ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
     """Run stacked layers under one scan; `windows` holds each layer's attention window, and the cache (if any)
-    is scanned along with the parameters, each layer reading and writing its own slice."""
+    is scanned along with the parameters, each layer reading and writing its own slice. With `remat` the backward
+    pass recomputes each layer from its input instead of keeping its activations."""
     if stack is None:
         return x, cache, None
     graphdef, state = nnx.split(stack)
@@ -162,6 +163,8 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
                                                         token_valid, kv, index)
         return constrain(h, ACTIVATION), (kv, stats)
 
+    if remat:
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     kv_in = None if cache is None else (cache.k, cache.v)
     x, (kv_out, stats) = jax.lax.scan(body, x, (state, scanned_windows, kv_in))
     return x, None if cache is None else LayerStackCache(*kv_out), stats
@@ -209,10 +212,11 @@ class Dots1ForCausalLM(nnx.Module):
         return logits if cache is None else (logits, cache)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None, cache: KVCache | None = None
-                      ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+                      attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
+                      remat: bool = False) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
         """As forward, but the final-norm hidden states [B, S, H] in place of the logits (the LM head is
-        head_weight()); training applies the head fused with its loss (train.head_nll)."""
+        head_weight()); training applies the head fused with its loss (train.head_nll). `remat`: gradients
+        recompute each layer in the backward pass (memory for long sequences, at about one more forward)."""
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -236,9 +240,11 @@ class Dots1ForCausalLM(nnx.Module):
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
         x, dense_cache, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
-                                       key_valid, q_offset, valid, None if cache is None else cache.dense, index)
+                                       key_valid, q_offset, valid, None if cache is None else cache.dense, index,
+                                       remat)
         x, moe_cache, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos,
-                                         key_valid, q_offset, valid, None if cache is None else cache.moe, index)
+                                         key_valid, q_offset, valid, None if cache is None else cache.moe, index,
+                                         remat)
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
         return self.norm(x), cache, stats

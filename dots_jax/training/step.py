@@ -35,6 +35,7 @@ class TrainConfig:
     balance_loss_coef: float = 1e-4  # the sequence-wise balance loss weight ("small" in the paper)
     bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step; 0 switches it off
     grad_accum_steps: int = 1
+    remat: bool = False  # recompute each layer in the backward pass: activation memory of one layer, not all
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, what: str) -> None:
@@ -111,10 +112,10 @@ def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, 
 
 
 def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-            balance_loss_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+            balance_loss_coef: float, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss."""
     model = nnx.merge(graphdef, params, router_bias)
-    x, _, stats = model.hidden_states(batch.inputs)
+    x, _, stats = model.hidden_states(batch.inputs, remat=remat)
     head = model.head_weight()
     # A padded model (dots_jax.model.padding) has extra vocabulary columns, zeros whose logits must not enter
     # the loss.
@@ -141,7 +142,7 @@ def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch
     Sharded: place the state with `dots_jax.parallel.sharding.shard_state(state, mesh)` and call the step inside
     `with jax.set_mesh(mesh):` (the model reads the mesh there: activation constraints, expert parallelism)."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef)
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef, tc.remat)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_bias = state.router_bias
