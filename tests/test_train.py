@@ -104,7 +104,8 @@ def _our_slots(key: str, grad: np.ndarray, cfg):
             yield ("moe_layers", *path), m.layer - cfg.first_k_dense_replace, array
 
 
-def _check_gradients_against_torch(ref: transformers.Dots1ForCausalLM, path) -> dict[tuple[str, str], float]:
+def _check_gradients_against_torch(ref: transformers.Dots1ForCausalLM, path, remat: bool = False
+                                   ) -> dict[tuple[str, str], float]:
     """Loss, expert load and the gradient of every parameter against torch autograd; returns the relative errors
     (max |ours - oracle| / max |oracle|) per (HF tensor, our parameter)."""
     model = _load(path)
@@ -136,8 +137,13 @@ def _check_gradients_against_torch(ref: transformers.Dots1ForCausalLM, path) -> 
     mask[:, :-1] = labels[:, 1:] >= 0
     batch = train.Batch(jnp.asarray(ids), jnp.asarray(targets), jnp.asarray(mask))
     graphdef, state = train.init_state(model, TC_OFF)
-    grad_fn = jax.jit(jax.value_and_grad(train.loss_fn, has_aux=True), static_argnums=(2, 4))
-    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, 0.0)
+    grad_fn = jax.value_and_grad(train.loss_fn, has_aux=True)
+    # With remat the layer bodies are rematerialised (recomputed in the backward pass); without, none is.
+    jaxpr = str(jax.make_jaxpr(grad_fn, static_argnums=(2, 4, 5))(state.params, state.router_bias, graphdef, batch,
+                                                                  0.0, remat))
+    assert ("remat" in jaxpr or "checkpoint" in jaxpr) == remat
+    grad_fn = jax.jit(grad_fn, static_argnums=(2, 4, 5))
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, 0.0, remat)
 
     ref_loss = out.loss.item()
     assert abs(float(loss) - ref_loss) <= 1e-5 * ref_loss
@@ -166,6 +172,12 @@ def test_gradients_match_torch_autograd(checkpoint):
     errors = _check_gradients_against_torch(*checkpoint)
     checked = {ours for _, ours in errors}
     assert {"router", "gate_proj", "up_proj", "down_proj", "q_proj", "o_proj", "weight", "lm_head"} <= checked
+
+
+def test_remat_gradients_match_torch_autograd(checkpoint):
+    """TrainConfig.remat (train --remat): each layer recomputed in the backward pass, the same gradients."""
+    errors = _check_gradients_against_torch(*checkpoint, remat=True)
+    assert {"router", "q_proj", "down_proj"} <= {ours for _, ours in errors}
 
 
 def test_tied_embedding_and_attention_bias_gradients_match_torch_autograd(tmp_path):
