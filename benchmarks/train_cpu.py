@@ -17,8 +17,8 @@ and fwd+bwd of sub-blocks on the same random activations [batch, seq, hidden], t
   (final norm, LM head, cross-entropy). "other" is fwd+bwd minus their sum (embedding, residuals, layer norms,
   routing statistics, layer loop).
 
-The attention row also times dots_jax's attention block with a second backend (--compare-attention, default
-"reference") on the same weights and activations, beside the chosen one and transformers' sdpa block.
+The attention row also times dots_jax's attention block with the other backends of --compare-attention (default
+flash and reference, less the one the run uses) on the same weights and activations, beside transformers' sdpa.
 
 dots_jax runs its CPU defaults (moe_backend auto = the "loop" grouped matmul with its custom VJP; attention_backend
 as --attention-backend, default auto); transformers runs its defaults (sdpa attention, grouped_mm experts). XLA:CPU
@@ -26,7 +26,7 @@ uses all cores; torch gets torch.set_num_threads(os.cpu_count()), stated in the 
 batch x seq shape of --shapes (default 8x256 and 2x2048). Prints a table and writes JSON.
 
     python benchmarks/train_cpu.py [--quick] [--steps N] [--configs small,medium] [--shapes 8x256,2x2048]
-                                   [--attention-backend auto] [--compare-attention reference]
+                                   [--attention-backend auto] [--compare-attention flash,reference]
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def torch_adamw(model: torch.nn.Module) -> tuple[list[torch.nn.Parameter], torch
 # ================================================================================================ dots_jax side
 class Ours:
     def __init__(self, path: Path, ids: np.ndarray, x: np.ndarray, attention_backend: str,
-                 compare_attention: str | None):
+                 compare_attention: list[str]):
         self.model = dots_jax.from_pretrained(path, dtype=jnp.float32, attention_backend=attention_backend,
                                               progress=False)
         self.cfg = self.model.cfg
@@ -175,9 +175,9 @@ class Ours:
         self.last_loss = metrics["loss"]
 
     # ---------------------------------------------------------------------------------------- sub-blocks
-    def _blocks(self, x_np: np.ndarray, compare_attention: str | None) -> None:
+    def _blocks(self, x_np: np.ndarray, compare_attention: list[str]) -> None:
         """Jitted fwd+bwd (w.r.t. parameters and input) of one layer's MoE, attention and dense MLP, and of the
-        head, on activations x [B, S, H]; the same attention layer with the compare_attention backend too."""
+        head, on activations x [B, S, H]; the same attention layer with each compare_attention backend too."""
         cfg = self.cfg
         x = jnp.asarray(x_np)
         b, s, _ = x.shape
@@ -215,10 +215,10 @@ class Ours:
             return m(x, *a, NO_WINDOW, 0)[0]
 
         self.blocks["attention"] = vjp_fn(attn_layer.self_attn, attend, cos, sin, *mask)
-        if compare_attention is not None:
+        for backend in compare_attention:
             other = nnx.clone(attn_layer.self_attn)
-            other.backend = compare_attention
-            self.blocks["attention_compare"] = vjp_fn(other, attend, cos, sin, *mask)
+            other.backend = backend
+            self.blocks[f"attention {backend}"] = vjp_fn(other, attend, cos, sin, *mask)
 
         targets, loss_mask = self.batch.targets, self.batch.loss_mask
         norm_gd, norm_params = nnx.split(self.model.norm)
@@ -325,7 +325,7 @@ class Reference:
 
 # ================================================================================================ driver
 def bench_config(name: str, batch: int, seq: int, runs: int, attention_backend: str,
-                 compare_attention: str | None) -> dict:
+                 compare_attention: list[str]) -> dict:
     cfg = transformers.Dots1Config(**{**COMMON, **CONFIGS[name], "max_position_embeddings": max(2048, seq)})
     torch.manual_seed(0)
     ref_model = transformers.Dots1ForCausalLM(cfg)  # transformers' own init (std 0.02), f32
@@ -333,14 +333,14 @@ def bench_config(name: str, batch: int, seq: int, runs: int, attention_backend: 
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, size=(batch, seq), dtype=np.int32)
     x = rng.standard_normal((batch, seq, cfg.hidden_size), np.float32)  # sub-block activations (unit RMS)
+    resolved = default_backend(seq, seq) if attention_backend == "auto" else attention_backend
     with tempfile.TemporaryDirectory() as tmp:
         ref_model.save_pretrained(Path(tmp) / name)
-        ours = Ours(Path(tmp) / name, ids, x, attention_backend, compare_attention)
+        ours = Ours(Path(tmp) / name, ids, x, attention_backend, [b for b in compare_attention if b != resolved])
     ref = Reference(ref_model, ids, x)
     tokens = batch * seq
 
     loss_ours, loss_ref = ours.first_loss(), ref.first_loss()
-    resolved = default_backend(seq, seq) if attention_backend == "auto" else attention_backend
     row = {"config": name, "params_M": round(params / 1e6, 1), "batch": batch, "seq": seq, "tokens": tokens,
            "first_loss": {"ours": loss_ours, "ref": loss_ref, "abs_diff": abs(loss_ours - loss_ref)},
            "experts_implementation": ref_model.config._experts_implementation,
@@ -364,16 +364,16 @@ def bench_config(name: str, batch: int, seq: int, runs: int, attention_backend: 
     for block, count in counts.items():
         if block in ours.blocks:
             fns = {"ours": ours.blocks[block], "ref": ref.blocks[block]}
-            if block == "attention" and "attention_compare" in ours.blocks:
-                fns["compare"] = ours.blocks["attention_compare"]
+            if block == "attention":
+                fns.update({b: fn for b, fn in ours.blocks.items() if b.startswith("attention ")})
             t = {k: 1e3 * v * count for k, v in interleaved(fns, runs).items()}
             blocks[block] = {"ours": t["ours"], "ref": t["ref"]}
             print(f"[{name}] {block} (x{count}) fwd+bwd: ours {t['ours']:.1f} ms, ref {t['ref']:.1f} ms"
-                  + (f", ours with {compare_attention} {t['compare']:.1f} ms" if "compare" in t else ""), flush=True)
+                  + "".join(f", ours with {b[len('attention '):]} {ms:.1f} ms" for b, ms in t.items()
+                            if b.startswith("attention ")), flush=True)
             if block == "attention":
                 attention_ms = {resolved: t["ours"], "transformers sdpa": t["ref"]}
-                if "compare" in t:
-                    attention_ms[compare_attention] = t["compare"]
+                attention_ms.update({b[len("attention "):]: ms for b, ms in t.items() if b.startswith("attention ")})
     blocks["other"] = {k: pieces["fwd_bwd"][k] - sum(b[k] for b in blocks.values()) for k in ("ours", "ref")}
     load.append(os.getloadavg()[0])
 
@@ -427,8 +427,9 @@ def main() -> int:
     parser.add_argument("--shapes", default="8x256,2x2048", help="comma-separated batch x seq shapes")
     parser.add_argument("--attention-backend", choices=["auto", *sorted(BACKENDS)], default="auto",
                         help="dots_jax's attention (auto: dots_jax.ops.attention's choice for the shape)")
-    parser.add_argument("--compare-attention", choices=["none", *sorted(BACKENDS)], default="reference",
-                        help="a second backend for the attention block alone, on the same weights (none: skip)")
+    parser.add_argument("--compare-attention", default="flash,reference",
+                        help="comma-separated backends also timed on the attention block alone, on the same "
+                             "weights (the run's own is skipped; none: no others)")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1,
                         help="torch intra-op threads (default os.cpu_count(): all cores, as XLA:CPU uses)")
     parser.add_argument("--out", default="benchmarks/results/train_cpu.json")
@@ -452,7 +453,10 @@ def main() -> int:
                "transformers": transformers.__version__, "device": str(jax.devices()[0]),
                "torch_threads": torch.get_num_threads(), "xla_threads": "all cores (XLA:CPU default)",
                "load_start": round(os.getloadavg()[0], 2), "timed_runs": runs}
-    compare = None if args.compare_attention in ("none", args.attention_backend) else args.compare_attention
+    compare = [b for b in args.compare_attention.split(",") if b and b != "none"]
+    for b in compare:
+        if b not in BACKENDS:
+            parser.error(f"--compare-attention: unknown backend {b!r}; known: {sorted(BACKENDS)}")
     rows = [bench_config(name, batch, seq, runs, args.attention_backend, compare)
             for name in configs for batch, seq in shapes]
     machine["load_end"] = round(os.getloadavg()[0], 2)
