@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from dots_jax.config import preset
+from dots_jax.inference.generate import generate
 from dots_jax.model.cache import KVCache
 from dots_jax.model.modeling import Dots1ForCausalLM, random_model
 from dots_jax.model.moe import expert_parallel, moe_experts
@@ -137,6 +138,9 @@ def test_padding_on_one_device_is_exact_and_undone_by_unpad():
     want = np.asarray(model(ids))
     assert np.asarray(padded(ids)).shape == want.shape  # cut back to the real vocabulary
     assert rel_err(padded(ids), want) <= TOL
+    # generate's prefill applies the head to each row's last position only: still the real vocabulary
+    prompts = [list(map(int, row)) for row in ids]
+    assert generate(padded, prompts, max_new_tokens=3).tokens == generate(model, prompts, max_new_tokens=3).tokens
     back = unpad(padded)
     assert type(back) is Dots1ForCausalLM and back.cfg == cfg
     for got, original in zip(jax.tree.leaves(nnx.state(back)), jax.tree.leaves(nnx.state(model)), strict=True):

@@ -103,9 +103,12 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, valid: jax.Array, cache: KVCache,
              key: jax.Array, sampling: tuple[jax.Array, ...]) -> tuple[jax.Array, KVCache]:
     model = nnx.merge(graphdef, state)
-    logits, cache = model(ids, attention_mask=valid, cache=cache)
+    hidden, cache, _ = model.hidden_states(ids, attention_mask=valid, cache=cache)
     last = jnp.maximum(valid.sum(axis=-1) - 1, 0)  # each row's last real token
-    last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+    # The LM head for those rows only: over every prompt position it would be [B, S, vocab] of logits, work and
+    # memory that grow with the prompt for nothing (transformers' generate keeps one position too).
+    last_hidden = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+    last_logits = model.logits(last_hidden)
     # Replicated: every process reads the new tokens (a multi-process run cannot fetch a split array).
     return constrain(sample_tokens(last_logits, key, *sampling), (None,)), cache
 

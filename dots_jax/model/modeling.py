@@ -260,8 +260,11 @@ class Dots1ForCausalLM(nnx.Module):
         """As __call__, also returning each MoE layer's routing statistics (stacked on a leading layer axis;
         None without MoE layers), which training uses for load balancing."""
         x, cache, stats = self.hidden_states(input_ids, positions, attention_mask, cache)
-        logits = constrain(x @ self.head_weight(), ("batch", "seq", "act_vocab"))
-        return logits, cache, stats
+        return constrain(self.logits(x), ("batch", "seq", "act_vocab")), cache, stats
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: final-norm hidden states [..., H] -> logits [..., vocab]."""
+        return hidden @ self.head_weight()
 
 
 def abstract_model(cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,

@@ -24,9 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.cache import KVCache
 from dots_jax.model.modeling import Dots1ForCausalLM
-from dots_jax.model.moe import RouterStats
 from dots_jax.parallel.sharding import PADDABLE, padding_plan
 
 
@@ -38,9 +36,8 @@ class PaddedDots1ForCausalLM(Dots1ForCausalLM):
         super().__init__(cfg, **kwargs)
         self.unpadded_cfg = unpadded_cfg
 
-    def forward(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
-        logits, cache, stats = super().forward(*args, **kwargs)
-        return logits[..., :self.unpadded_cfg.vocab_size], cache, stats
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return super().logits(hidden)[..., :self.unpadded_cfg.vocab_size]
 
 
 def unpadded_config(model: Dots1ForCausalLM) -> Dots1Config:
