@@ -161,6 +161,8 @@ def straight_run(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: signal.Signals(s).name)
 def test_a_signal_saves_the_step_and_resume_is_exact(signum, straight_run, corpus, tmp_path, monkeypatch):
     real_step, calls = training.jit_train_step, []
+    # What the run must put back: Python's default, or SIG_IGN where pytest was started in the background.
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
 
     def step_then_signal(*args, **kwargs):
         calls.append(1)
@@ -176,7 +178,7 @@ def test_a_signal_saves_the_step_and_resume_is_exact(signum, straight_run, corpu
     monkeypatch.setattr(train, "jit_train_step", real_step)
     assert code == 128 + signum, err
     assert checkpoint.latest_step(out / "checkpoints") == 4 and "--resume" in err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # put back
 
     code, _, err = run_cli(train.main, train_argv(corpus, out, "--resume"))
     assert code == 0, err
