@@ -1,7 +1,8 @@
 """Generation throughput: dots_jax vs transformers (PyTorch) on the same random dots1-shaped weights, one run.
 
 For each config: greedy tokens must agree; then prefill tokens/s (one prompt of each --prefill-tokens length,
-default 512 and 4096: our prefill, generate() with one new token, against transformers' forward), decode tokens/s
+default 512 and 4096: our prefill, generate() with one new token, against transformers' forward with
+logits_to_keep=1, as its generate() prefills), decode tokens/s
 at batch 1 and 8, the ratios (ours / reference), and the batch-1 memory-bandwidth floor: the bytes of the weights
 one decode step must read (attention, dense/shared MLPs, the chosen experts, the head) / the machine's measured
 copy bandwidth, and our fraction of it. transformers runs its default attention (sdpa), dots_jax the
@@ -113,7 +114,8 @@ def bench_config(name: str, overrides: dict, bandwidth: float, prefill_tokens: l
         long_prompt = rng.integers(0, cfg.vocab_size, size=(1, n)).tolist()
         ours_prefill = timed(lambda p=long_prompt: generate(ours, p, max_new_tokens=1, stop_token_ids=[]))
         with torch.no_grad():
-            ref_prefill = timed(lambda p=long_prompt: ref(torch.tensor(p)))
+            # As transformers' generate() prefills: the LM head on the last position only (ours does the same).
+            ref_prefill = timed(lambda p=long_prompt: ref(torch.tensor(p), logits_to_keep=1))
         row[f"prefill_{n}_tok_s"] = {"ours": n / ours_prefill, "ref": n / ref_prefill}
         if attention_backend == "auto":  # what auto picks for the prompt's queries against generate()'s cache
             s = bucket_length(n)
