@@ -76,6 +76,8 @@ def test_bad_arguments_are_reported_before_compiling(capsys) -> None:
     assert "unknown TPU generation" in capsys.readouterr().err
     assert planner.main(["--topology", TOPOLOGY, "--mesh", "expert=32,fsdp=2,tensor=3"]) == 2
     assert "--mesh" in capsys.readouterr().err
+    assert planner.main(["--topology", TOPOLOGY, "--mesh", "expert=16,fsdp=4", "--mode", "decode", "--remat"]) == 2
+    assert "--remat applies to --mode train only" in capsys.readouterr().err
 
 
 def test_arithmetic_by_hand() -> None:
@@ -88,6 +90,9 @@ def test_arithmetic_by_hand() -> None:
     assert planner.experts_hit_fraction(cfg, 1) == pytest.approx(6 / 128)
     shape = {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}
     a = planner.step_arithmetic(cfg, "decode", 64, 4096, shape)
+    train = planner.step_arithmetic(cfg, "train", 8, 1024, shape)
+    remat = planner.step_arithmetic(cfg, "train", 8, 1024, shape, remat=True)
+    assert remat["flops_per_step"] == pytest.approx(train["flops_per_step"] * 4 / 3)  # + one forward, recomputed
     roof = planner.roofline(a, planner.CHIPS["v5p"])
     assert roof["step_time_s"] == pytest.approx(max(a["flops_per_chip"] / 459e12, a["bytes_per_chip"] / 2765e9))
     assert math.isclose(roof["tokens_per_s"], 64 / roof["step_time_s"])
