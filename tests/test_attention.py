@@ -206,8 +206,15 @@ def expected(case: str) -> tuple[Case, np.ndarray, tuple[np.ndarray, ...], tuple
     return c, dout, numpy_attention(c, dout), run_backend("reference", c, dout)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", _backend_params(["reference", *OTHERS]))
+# Where splash's and cudnn's static masks cannot be exact (a traced window, a cache filled past slot 0, decode's
+# per-row positions) they hand the call to flash, which these cases already hold to the oracle; that hand-off is
+# tested in test_splash.py. Not repeating those cases through them saves CI time.
+HANDED_TO_FLASH = {"window_traced_padded", "prefill_filled_cache_mqa_7", "decode", "decode_window_traced"}
+PAIRS = [(backend, case) for backend in ["reference", *OTHERS] for case in CASES
+         if not (backend in ("splash", "cudnn") and case in HANDED_TO_FLASH)]
+
+
+@pytest.mark.parametrize("backend, case", PAIRS)
 def test_backend_matches_reference_and_float64(backend, case):
     c, dout, float64, reference = expected(case)
     got = run_backend(backend, c, dout)
