@@ -31,7 +31,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from dots_jax.ops.common import NO_WINDOW
+from dots_jax.ops.common import NO_WINDOW, make_attention_mask
 from dots_jax.ops.flash import flash_attention
 from dots_jax.ops.splash import cudnn_attention, splash_attention
 
@@ -92,13 +92,6 @@ def default_backend(s: int | None = None, t: int | None = None) -> str:
     if s is not None and t is not None and 1 < s and s * t <= _CPU_REFERENCE_MAX_SCORES:
         return "reference"
     return "flash"
-
-
-def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array,
-                        window: int | jax.Array) -> jax.Array:
-    """[B, S, T] bool: causal by position, keys within the window, padding keys excluded."""
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    return (delta >= 0) & (delta < window) & key_valid[:, None, :]
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array,

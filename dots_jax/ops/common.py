@@ -1,15 +1,22 @@
 """What the gmm backends (gmm.py), the CPU loop kernels (cpu_loops.py), the attention backends and the model share:
 the group of each sorted row, the gmm shape check, the bf16 rounding rules (round_to, and silu, which rounds as torch
-does), and the window of a full-attention layer."""
+does), the attention mask from positions, and the window of a full-attention layer."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["NO_WINDOW", "check_shapes", "round_to", "row_groups", "silu"]
+__all__ = ["NO_WINDOW", "check_shapes", "make_attention_mask", "round_to", "row_groups", "silu"]
 
 NO_WINDOW = 2**30  # the attention "window" of a full-attention layer: larger than any sequence
+
+
+def make_attention_mask(q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array,
+                        window: int | jax.Array) -> jax.Array:
+    """[B, S, T] bool: causal by position, keys within the window, padding keys excluded."""
+    delta = q_pos[:, :, None] - k_pos[:, None, :]
+    return (delta >= 0) & (delta < window) & key_valid[:, None, :]
 
 
 def check_shapes(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from dots_jax.ops.common import make_attention_mask
+
 __all__ = ["BLOCK_K", "BLOCK_Q", "flash_attention"]
 
 BLOCK_Q = 512  # query positions per block (times G rows per key/value head)
@@ -130,8 +132,7 @@ def _scores(qb: jax.Array, kb: jax.Array, q_pos: jax.Array, k_pos: jax.Array, va
     scores = jnp.einsum("bhqd,bhkd->bhqk", qb, kb, preferred_element_type=_F32) * _F32(d**-0.5)
     if not masked:
         return scores
-    delta = q_pos[:, :, None] - k_pos[:, None, :]
-    mask = (delta >= 0) & (delta < window) & valid[:, None, :]
+    mask = make_attention_mask(q_pos, k_pos, valid, window)
     scores = jnp.where(mask[:, None, :, None, :], scores.reshape(b, kv, bq, rows // bq, bk), -jnp.inf)
     return scores.reshape(b, kv, rows, bk)
 
@@ -144,8 +145,7 @@ def _scores_t(kb: jax.Array, qb: jax.Array, k_pos: jax.Array, q_pos: jax.Array, 
     scores = jnp.einsum("bhkd,bhqd->bhkq", kb, qb, preferred_element_type=_F32) * _F32(d**-0.5)
     if not masked:
         return scores
-    delta = q_pos[:, None, :] - k_pos[:, :, None]
-    mask = (delta >= 0) & (delta < window) & valid[:, :, None]
+    mask = make_attention_mask(q_pos, k_pos, valid, window).transpose(0, 2, 1)
     scores = jnp.where(mask[:, None, :, :, None], scores.reshape(b, kv, bk, bq, rows // bq), -jnp.inf)
     return scores.reshape(b, kv, bk, rows)
 
