@@ -8,8 +8,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
+from dots_jax.model.cache import PageTable
 from dots_jax.model.layers import DType, RMSNorm, param
 from dots_jax.ops.attention import attention
+from dots_jax.ops.paged_attention import paged_attention, write_kv
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: DType) -> tuple[jax.Array, jax.Array]:
@@ -56,15 +58,22 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+                 kv: tuple[jax.Array, jax.Array] | jax.Array | None = None, index: jax.Array | None = None,
+                 pages: PageTable | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | jax.Array | None]:
         """x [B, S, H]; q_pos [B, S]; k_pos, key_valid [B, T]; window and q_offset as dots_jax.ops.attention
         has them. Without a cache T = S; with one, this layer's cache kv ([B, T, KV, D] each) gets the new
-        keys/values written at slot `index` and is returned."""
+        keys/values written at slot `index` and is returned. With `pages`, kv is this layer's page pool
+        (dots_jax.model.cache.PagedKVCache) and attention is dots_jax.ops.paged_attention's (k_pos, key_valid
+        and q_offset unused)."""
         dtype = x.dtype
         q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
         k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
+        if pages is not None:
+            kv = write_kv(kv, k, v, pages.page_indices, pages.kv_lens, pages.q_lens)
+            out = paged_attention(q, kv, pages.page_indices, pages.kv_lens, pages.q_lens,
+                                  window=window, backend=pages.backend)
+            return self._output(out), kv
         if kv is not None:
             start = (0, index, 0, 0)
             k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
@@ -72,6 +81,10 @@ class Attention(nnx.Module):
             kv = (k, v)
         out = attention(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, key_valid, window=window,
                         q_offset=q_offset, backend=self.backend)
-        y = jnp.einsum("bsnd,ndh->bsh", out.astype(dtype), self.o_proj[...].astype(dtype))
-        return (y if self.o_bias is None else y + self.o_bias[...].astype(dtype)), kv
+        return self._output(out), kv
+
+    def _output(self, out: jax.Array) -> jax.Array:
+        dtype = out.dtype
+        y = jnp.einsum("bsnd,ndh->bsh", out, self.o_proj[...].astype(dtype))
+        return y if self.o_bias is None else y + self.o_bias[...].astype(dtype)
 

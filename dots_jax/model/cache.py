@@ -50,3 +50,52 @@ class KVCache:
         return cls(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers),
                    positions=jnp.zeros((batch, slots), jnp.int32), valid=jnp.zeros((batch, slots), jnp.bool_),
                    index=jnp.zeros((), jnp.int32))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PagedKVCache:
+    """The serving engine's KV cache: a pool of fixed-size pages per layer stack, shared by all sequences.
+
+    Each stack is [layers, num_pages, page_size, 2 * kv_heads, head_dim] with K and V interleaved by head
+    (k0, v0, k1, v1, ...), the layout Pallas' ragged_paged_attention reads. A sequence's slot t (its token at
+    position t) lives in page page_indices[t // page_size] at offset t % page_size (see PageTable).
+    """
+
+    dense: jax.Array | None
+    moe: jax.Array | None
+
+    @property
+    def num_pages(self) -> int:
+        return (self.moe if self.moe is not None else self.dense).shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return (self.moe if self.moe is not None else self.dense).shape[2]
+
+    @classmethod
+    def create(cls, cfg: Dots1Config, num_pages: int, page_size: int, dtype: jnp.dtype | type) -> PagedKVCache:
+        def stack(layers: int) -> jax.Array | None:
+            if layers == 0:
+                return None
+            return jnp.zeros((layers, num_pages, page_size, 2 * cfg.num_key_value_heads, cfg.head_dim), dtype)
+
+        return cls(dense=stack(cfg.num_dense_layers), moe=stack(cfg.num_moe_layers))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PageTable:
+    """Where one step's B rows (sequences) read and write the paged cache.
+
+    Row b's q_lens[b] new tokens sit at the start of its row of input ids (right-padded) at positions
+    kv_lens[b] - q_lens[b] + j; after the step its slots 0 .. kv_lens[b] - 1 are written. A row with q_lens 0 is
+    unused. page_indices[b] lists row b's pages in order; entries past its last page may hold any page index.
+    """
+
+    page_indices: jax.Array  # [B, M] int32
+    kv_lens: jax.Array  # [B] int32
+    q_lens: jax.Array  # [B] int32
+    # dots_jax.ops.paged_attention's backend: static, chosen once per engine.
+    backend: str = dataclasses.field(default="auto", metadata={"static": True})
+

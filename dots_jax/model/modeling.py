@@ -17,11 +17,12 @@ from flax import nnx
 
 from dots_jax.config import Dots1Config
 from dots_jax.model.attention import Attention, rope_tables
-from dots_jax.model.cache import KVCache, LayerStackCache
+from dots_jax.model.cache import KVCache, LayerStackCache, PagedKVCache, PageTable
 from dots_jax.model.layers import DType, RMSNorm, param
 from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats
 from dots_jax.ops.attention import NO_WINDOW
 from dots_jax.ops.common import round_to, silu
+from dots_jax.ops.paged_attention import slot_positions
 from dots_jax.parallel.sharding import constrain, current_mesh
 
 ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, S, H]
@@ -115,11 +116,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
-                 token_valid: jax.Array, kv: tuple[jax.Array, jax.Array] | None = None,
-                 index: jax.Array | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None, RouterStats | None]:
+                 token_valid: jax.Array, kv: tuple[jax.Array, jax.Array] | jax.Array | None = None,
+                 index: jax.Array | None = None, pages: PageTable | None = None
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | jax.Array | None, RouterStats | None]:
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, k_pos, key_valid, window, q_offset,
-                                  kv, index)
+                                  kv, index, pages)
         x = rounded_add(x, attn)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -143,11 +144,13 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
                q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, q_offset: int | jax.Array | None,
-               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None, remat: bool
-               ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
+               token_valid: jax.Array, cache: LayerStackCache | jax.Array | None, index: jax.Array | None,
+               remat: bool, pages: PageTable | None = None
+               ) -> tuple[jax.Array, LayerStackCache | jax.Array | None, RouterStats | None]:
     """Run stacked layers under one scan; `windows` holds each layer's attention window, and the cache (if any)
     is scanned along with the parameters, each layer reading and writing its own slice. With `remat` the backward
-    pass recomputes each layer from its input instead of keeping its activations."""
+    pass recomputes each layer from its input instead of keeping its activations. With `pages` the cache is the
+    stack's page pool (PagedKVCache's array)."""
     if stack is None:
         return x, cache, None
     graphdef, state = nnx.split(stack)
@@ -160,14 +163,19 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
         layer_state, window, kv = layer_in
         window = windows[0] if uniform else window
         h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, q_pos, k_pos, key_valid, window, q_offset,
-                                                        token_valid, kv, index)
+                                                        token_valid, kv, index, pages)
         return constrain(h, ACTIVATION), (kv, stats)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    kv_in = None if cache is None else (cache.k, cache.v)
+    if cache is None or pages is not None:
+        kv_in = cache
+    else:
+        kv_in = (cache.k, cache.v)
     x, (kv_out, stats) = jax.lax.scan(body, x, (state, scanned_windows, kv_in))
-    return x, None if cache is None else LayerStackCache(*kv_out), stats
+    if cache is None or pages is not None:
+        return x, kv_out, stats
+    return x, LayerStackCache(*kv_out), stats
 
 
 class Dots1ForCausalLM(nnx.Module):
@@ -212,16 +220,22 @@ class Dots1ForCausalLM(nnx.Module):
         return logits if cache is None else (logits, cache)
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                      attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
-                      remat: bool = False) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+                      attention_mask: jax.Array | None = None, cache: KVCache | PagedKVCache | None = None, *,
+                      remat: bool = False, pages: PageTable | None = None
+                      ) -> tuple[jax.Array, KVCache | PagedKVCache | None, RouterStats | None]:
         """As forward, but the final-norm hidden states [B, S, H] in place of the logits (the LM head is
         head_weight()); training applies the head fused with its loss (train.head_nll). `remat`: gradients
-        recompute each layer in the backward pass (memory for long sequences, at about one more forward)."""
+        recompute each layer in the backward pass (memory for long sequences, at about one more forward).
+
+        The serving engine's paged cache: `cache` a PagedKVCache and `pages` its PageTable for this step, which
+        also gives the positions and the padding (positions and attention_mask must be None)."""
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be integer [batch, seq], got {input_ids.dtype} {input_ids.shape}")
         b, s = input_ids.shape
+        if isinstance(cache, PagedKVCache):
+            return self._paged_hidden_states(input_ids, cache, pages)
         # Default positions follow the cache slots: backends with slot-based masks (splash) may use them.
         q_offset = None
         if positions is None:
@@ -248,6 +262,25 @@ class Dots1ForCausalLM(nnx.Module):
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
         return self.norm(x), cache, stats
+
+    def _paged_hidden_states(self, input_ids: jax.Array, cache: PagedKVCache, pages: PageTable | None
+                             ) -> tuple[jax.Array, PagedKVCache, RouterStats | None]:
+        if pages is None:
+            raise ValueError("a PagedKVCache needs pages= (its PageTable for this step)")
+        cfg = self.cfg
+        s = input_ids.shape[1]
+        positions = slot_positions(pages.kv_lens, pages.q_lens, s)
+        valid = jnp.arange(s)[None, :] < pages.q_lens[:, None]
+        x = constrain(jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype), ACTIVATION)
+        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
+        dense = range(cfg.num_dense_layers)
+        moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
+        # k_pos, key_valid and q_offset belong to the dense cache's contract: the page table replaces them.
+        x, dense_pages, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, None, None,
+                                       None, valid, cache.dense, None, False, pages)
+        x, moe_pages, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, None, None,
+                                         None, valid, cache.moe, None, False, pages)
+        return self.norm(x), PagedKVCache(dense=dense_pages, moe=moe_pages), stats
 
     def head_weight(self) -> jax.Array:
         """The LM head [H, V] in the activation dtype (the embedding's transpose when tied)."""
