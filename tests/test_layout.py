@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TOP_PACKAGES = ("dots_jax", "convert", "pallas_kernels")
 
 # Entry points (`python -m ...`) and the module only they share: nothing else in the package may import these.
-CLI_MODULES = {"dots_jax.sample", "dots_jax.train", "dots_jax.plan", "dots_jax.demo", "convert.hf_to_jax",
-               "convert.jax_to_hf"}
+CLI_MODULES = {"dots_jax.sample", "dots_jax.train", "dots_jax.plan", "dots_jax.demo", "dots_jax.serve",
+               "convert.hf_to_jax", "convert.jax_to_hf"}
 CLI_SHARED = {"dots_jax.cli"}
 # Which rooms each room may not import (module- or function-level). Rooms to the right of a room in
 # config -> ops/parallel -> model -> weights -> inference/training -> CLIs are closed to it.
