@@ -176,3 +176,27 @@ def test_splash_attention_compiles_for_tpu(mesh) -> None:
     assert "tpu_custom_call" in text
     for phase in ("fwd", "dq", "dkv"):  # the forward saves its logsumexp for the backward: "_residuals"
         assert f"splash_mqa_{phase}_segmented_" in text, phase
+
+
+@pytest.mark.parametrize(("dtype", "window"), [(jnp.bfloat16, None), (jnp.float32, 64)], ids=["bf16", "f32-window64"])
+def test_ragged_paged_attention_compiles_for_tpu(mesh, dtype, window: int | None) -> None:
+    """The "ragged" paged attention backend at dots1's attention shapes (32 query and 32 key/value heads of 128): a
+    mixed step of 8 rows of 16 query slots over a pool of 16-slot pages, full attention in bf16 and a sliding window
+    in f32, heads split over the 8 chips in shard_map: the compiled module holds the Mosaic kernel, not the
+    interpreter."""
+    from dots_jax.ops.common import NO_WINDOW
+    from dots_jax.ops.ragged_paged import ragged_paged_attention
+
+    b, s, heads, d, page, pages_per_row, pool = 8, 16, 32, 128, 16, 8, 64
+
+    def step(q, kv_pages, page_indices, kv_lens, q_lens):
+        return ragged_paged_attention(q, kv_pages, page_indices, kv_lens, q_lens, window or NO_WINDOW)
+
+    split = P(None, None, "x", None)
+    args = (abstract((b, s, heads, d), dtype, mesh, split), abstract((pool, page, 2 * heads, d), dtype, mesh, split),
+            abstract((b, pages_per_row), jnp.int32, mesh, P()), abstract((b,), jnp.int32, mesh, P()),
+            abstract((b,), jnp.int32, mesh, P()))
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(step).lower(*args).compile()
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text and "ragged_paged_attention_kernel" in text
