@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dots_jax.ops.common import NO_WINDOW
-from dots_jax.ops.paged_attention import PAGED_BACKENDS, paged_attention, write_kv
+from dots_jax.ops.paged_attention import paged_attention, write_kv
 from dots_jax.ops.ragged_paged import ragged_paged_attention
 
 PAGE, PAGES_PER_ROW, POOL = 4, 6, 40  # rows hold up to 24 slots, in up to 6 of the pool's 40 pages
@@ -58,7 +58,6 @@ def make_step(rng: np.random.Generator, q_lens: list[int], kv_lens: list[int], s
     return q, pool, table, np.asarray(kv_lens, np.int32), np.asarray(q_lens, np.int32)
 
 
-PAGED_BACKENDS.setdefault("ragged", ragged_paged_attention)  # until paged_attention registers it itself
 step_fn = jax.jit(paged_attention, static_argnames=("window", "backend"))
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from dots_jax.ops.attention import attention
 from dots_jax.ops.common import NO_WINDOW
+from dots_jax.ops.ragged_paged import ragged_paged_attention
 
 __all__ = ["PAGED_BACKENDS", "default_paged_backend", "paged_attention", "reference_paged_attention",
            "slot_positions", "write_kv"]
@@ -98,4 +99,4 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, 
                                    q_lens.astype(jnp.int32), window)
 
 
-PAGED_BACKENDS: dict[str, PagedBackend] = {"reference": reference_paged_attention}
+PAGED_BACKENDS: dict[str, PagedBackend] = {"reference": reference_paged_attention, "ragged": ragged_paged_attention}
