@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="pages in the KV cache pool (default: enough for --max-batch sequences of "
                              "--max-seq-len tokens); with fewer, sequences are preempted and recomputed when "
                              "pages run out")
+    parser.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
+                        help="most prompt tokens prefilled in one engine step, so that running sequences keep "
+                             "decoding between the chunks of a long prompt (default 256)")
     parser.add_argument("--max-waiting", type=int, default=256, metavar="N",
                         help="most requests queued for admission; beyond it requests get HTTP 429 (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
@@ -89,7 +92,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Reject out-of-range values up front, naming the option."""
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must lie in [1, 65535], got {args.port}")
-    for name in ("max_batch", "max_seq_len", "page_size", "kv_pages", "max_waiting", "max_body_bytes"):
+    for name in ("max_batch", "max_seq_len", "page_size", "kv_pages", "prefill_chunk", "max_waiting",
+                 "max_body_bytes"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -175,8 +179,8 @@ def _main(argv: Sequence[str] | None) -> int:
         model = pad_for_mesh(model, args.mesh)  # zero-pads widths the tensor axis does not divide: exact
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                        page_size=args.page_size, kv_pages=args.kv_pages, max_waiting=args.max_waiting,
-                        mesh=args.mesh)
+                        page_size=args.page_size, kv_pages=args.kv_pages, prefill_chunk=args.prefill_chunk,
+                        max_waiting=args.max_waiting, mesh=args.mesh)
     except ValueError as e:  # the engine names the setting (max_seq_len over the model's context, ...)
         raise UserError(f"{e}") from None
     log.info("engine: batch %d, %d tokens per sequence, %d KV pages of %d tokens", engine.max_batch,

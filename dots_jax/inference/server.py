@@ -181,7 +181,8 @@ def request_params(body: dict, *, max_tokens: int, extra_stop_ids: Sequence[int]
         stop = [stop]
     if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         raise bad("stop", f"must be a non-empty string or a list of them, got {body.get('stop')!r}")
-    stop_ids = body.get("stop_token_ids") or []
+    stop_ids = body.get("stop_token_ids")
+    stop_ids = [] if stop_ids is None else stop_ids
     if not (isinstance(stop_ids, list)
             and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= INT32_MAX for i in stop_ids)):
         raise bad("stop_token_ids", f"must be a list of token ids, got {stop_ids!r}")
