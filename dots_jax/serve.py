@@ -9,9 +9,10 @@ GET /health, GET /metrics (Prometheus). The engine (dots_jax.inference.engine) b
 over a paged KV cache; the API is dots_jax.inference.server. The server listens on 127.0.0.1 unless --host says
 otherwise, and requires `Authorization: Bearer KEY` on /v1 routes when --api-key (or DOTS_JAX_API_KEY) is set.
 
-The model is loaded and the engine's decode step compiled before the server opens its port: once /health
-answers, requests are served without a compile for every batch size. Bad input prints one `error: ...` line and
-exits with 2.
+The model is loaded and the engine's decode step compiled for every batch size before the server opens its port,
+so /health answers once the server is ready (a prefill shape seen for the first time still compiles once, and the
+log says so). As OpenAI's API does, a request that gives no temperature samples at temperature 1; 0 is greedy.
+Bad input prints one `error: ...` line and exits with 2.
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except ValueError as e:  # the engine names the setting (max_seq_len over the model's context, ...)
         raise UserError(f"{e}") from None
     log.info("engine: batch %d, %d tokens per sequence, %d KV pages of %d tokens", engine.max_batch,
-             engine.max_seq_len, engine.pool.num_pages, engine.page_size)
+             engine.max_seq_len, engine.stats().pages_total, engine.page_size)
     engine.warmup()
 
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,
