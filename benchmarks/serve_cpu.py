@@ -36,6 +36,7 @@ root:
     python benchmarks/serve_cpu.py [--models demo,small] [--clients 1,2,4,8,16,32] [--requests N]
                                    [--max-tokens 32] [--prompt-tokens 16,48,96,192]
                                    [--out benchmarks/results/serve_cpu.json]
+    python benchmarks/serve_cpu.py --markdown benchmarks/results/serve_cpu.json   # the README's tables
 """
 
 from __future__ import annotations
@@ -529,6 +530,28 @@ def print_tables(machine: dict, rows: list[dict]) -> None:
                   f"{s['engine_tok_s']:>12.1f} {s['floor_tok_s']:>11.1f}")
 
 
+def markdown_tables(payload: dict) -> str:
+    """The README's tables, from a results JSON (so that the figures there are the JSON's)."""
+    lines = ["| model | clients | engine tok/s | static generate() tok/s | transformers tok/s | engine / static | "
+             "TTFT p50 / p99 ms | ITL p50 / p99 ms |", "|---|---|---|---|---|---|---|---|"]
+    for row in payload["results"]:
+        for i, r in enumerate(row["levels"]):
+            e = r["engine"]
+            name = f"{row['model']} ({row['params_M']:.0f}M)" if i == 0 else ""
+            lines.append(f"| {name} | {r['clients']} | {e['tok_s']:.1f} | {r['static']['tok_s']:.1f} | "
+                         f"{r['transformers']['tok_s']:.1f} | {e['tok_s'] / r['static']['tok_s']:.2f} | "
+                         f"{e['ttft']['p50_ms']:.0f} / {e['ttft']['p99_ms']:.0f} | "
+                         f"{e['itl']['p50_ms']:.0f} / {e['itl']['p99_ms']:.0f} |")
+    lines += ["", "| model | batch | engine step ms | transformers step ms | ratio | engine tok/s | floor tok/s |",
+              "|---|---|---|---|---|---|---|"]
+    for row in payload["results"]:
+        for i, d in enumerate(row["decode_step"]):
+            name = f"{row['model']} ({row['params_M']:.0f}M)" if i == 0 else ""
+            lines.append(f"| {name} | {d['batch']} | {d['engine_ms']:.1f} | {d['transformers_ms']:.1f} | "
+                         f"{d['ratio']:.2f} | {d['engine_tok_s']:.1f} | {d['floor_tok_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def int_list(text: str) -> list[int]:
     values = [int(v) for v in text.split(",")]
     if not values or min(values) < 1:
@@ -548,7 +571,11 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int_list, default=[16, 48, 96, 192],
                         help="prompt lengths in tokens, cycled")
     parser.add_argument("--out", default="benchmarks/results/serve_cpu.json")
+    parser.add_argument("--markdown", metavar="JSON", help="only print the README tables of a results file")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown_tables(json.loads(Path(args.markdown).read_text())))
+        return 0
     if max(args.clients) > MAX_BATCH:
         parser.error(f"--clients: at most {MAX_BATCH}")
     if max(args.prompt_tokens) + max(args.max_tokens) + 8 > MAX_SEQ_LEN:  # 8: re-encoded text may grow a little
@@ -575,8 +602,10 @@ def main() -> int:
             rows.append(bench_model(m, args, bandwidth, Path(tmp) / f"server_{name}.log"))
     machine["loadavg_1_5_15_end"] = list(os.getloadavg())
     machine["wall_s"] = time.perf_counter() - start
+    payload = {"machine": machine, "settings": settings, "results": rows}
     print_tables(machine, rows)
-    print(f"wrote {write_results(args.out, {'machine': machine, 'settings': settings, 'results': rows})}")
+    print(f"\nREADME tables:\n{markdown_tables(payload)}")
+    print(f"wrote {write_results(args.out, payload)}")
     return 0
 
 
