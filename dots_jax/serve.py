@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import uvicorn
 
 from dots_jax import cli
@@ -37,7 +38,7 @@ from dots_jax.inference.engine import Engine
 from dots_jax.inference.server import DEFAULT_MAX_BODY_BYTES, create_app
 from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.model.padding import pad_for_mesh
-from dots_jax.parallel.distributed import multiprocess_signal
+from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.sharding import check_shardable, make_mesh
 from dots_jax.weights import from_pretrained
 from dots_jax.weights.hf import resolve
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefill-chunk", type=int, default=256, metavar="N",
                         help="most prompt tokens prefilled in one engine step, so that running sequences keep "
                              "decoding between the chunks of a long prompt (default 256)")
+    cli.add_distributed(parser, "listens for HTTP; the others run the engine's steps with it")
     parser.add_argument("--max-waiting", type=int, default=256, metavar="N",
                         help="most requests queued for admission; beyond it requests get HTTP 429 (default 256)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
@@ -147,14 +149,12 @@ def check_port(host: str, port: int) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    # Multi-host serving (one engine per process under jax.distributed, HTTP on process 0, each step's requests
-    # broadcast to the others) is not built yet: this is where maybe_initialize() and that split would go.
-    signal = multiprocess_signal()
-    if signal is not None:
-        raise UserError(f"{signal} is set: this is one of several processes, and multi-host serving is not "
-                        "supported yet; serve from one process (one host's devices, --mesh)")
+    # Several processes (a TPU pod slice, a multi-node job): every process loads the model and runs the engine
+    # over one mesh; process 0 alone listens, schedules and broadcasts each step to the others (Engine.follow).
+    maybe_initialize(args.distributed)  # before any other JAX call
     check_args(args)
-    check_port(args.host, args.port)
+    if is_main_process():
+        check_port(args.host, args.port)
     demo = args.model is None
     model_arg = str(DEMO_MODEL_DIR) if demo else args.model
     name = args.served_model_name or (DEMO_NAME if demo else args.model)
@@ -186,6 +186,10 @@ def _main(argv: Sequence[str] | None) -> int:
         raise UserError(f"{e}") from None
     log.info("engine: batch %d, %d tokens per sequence, %d KV pages of %d tokens", engine.max_batch,
              engine.max_seq_len, engine.stats().pages_total, engine.page_size)
+    if not is_main_process():
+        log.info("process %d: following process 0's engine steps", jax.process_index())
+        engine.follow()
+        return 0
     engine.warmup()
 
     app = create_app(engine, tokenizer, model_name=name, api_key=args.api_key,

@@ -65,7 +65,7 @@ def test_flag_forces_it_and_process_numbers_are_passed_on(monkeypatch):
     assert calls == [{"num_processes": None, "process_id": None}, {"num_processes": 2, "process_id": 1}]
 
 
-@pytest.mark.parametrize("module", ["sample", "train"])
+@pytest.mark.parametrize("module", ["sample", "train", "serve"])
 def test_clis_initialize_before_touching_jax(module, monkeypatch):
     """--distributed reaches maybe_initialize, and nothing before it starts a JAX backend (the CLIs' imports
     included): afterwards jax.distributed.initialize() would fail."""
@@ -79,8 +79,9 @@ def test_clis_initialize_before_touching_jax(module, monkeypatch):
             raise SystemExit(0)
         cli.maybe_initialize = maybe_initialize
         try:
-            cli.main(["--distributed", "--prompt", "x"] if "{module}" == "sample" else
-                     ["--distributed", "--config", "tiny", "--data", "x", "--steps", "1", "--out", "y"])
+            cli.main({{"sample": ["--distributed", "--prompt", "x"], "serve": ["--distributed"],
+                      "train": ["--distributed", "--config", "tiny", "--data", "x", "--steps", "1", "--out", "y"]
+                      }}["{module}"])
         except SystemExit:
             pass
         assert seen == [(True, {{}})], seen
@@ -187,3 +188,41 @@ def test_two_process_training_matches_one_device_and_only_process_0_writes(tmp_p
     for w, g in zip(want, got, strict=True):
         for key in ("loss", "ce", "balance_loss", "grad_norm"):
             assert abs(g[key] - w[key]) <= 1e-5 * abs(w[key]), (key, g, w)
+
+
+ENGINE_WORKER = """
+import dataclasses
+import json
+import jax
+import numpy as np
+from dots_jax.config import preset
+from dots_jax.inference.engine import Engine, RequestParams
+from dots_jax.inference.generate import generate
+from dots_jax.model.modeling import random_model
+from dots_jax.parallel import distributed
+
+assert distributed.maybe_initialize()  # from the environment
+cfg = dataclasses.replace(preset("tiny"), num_hidden_layers=2, layer_types=(), initializer_range=0.1)
+model = random_model(cfg, seed=3, moe_backend="gather")
+rng = np.random.default_rng(0)
+prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (5, 19, 11)]
+engine = Engine(model, max_batch=2, page_size=8, mesh="expert=4")  # one mesh over both processes
+if jax.process_index() == 0:
+    got = [c.token_ids for c in engine.generate(prompts, RequestParams(max_tokens=5, ignore_eos=True))]
+    engine.stop()  # releases the other process
+    # The oracle: the static generate on this process's own device, alone.
+    want = [generate(model, [p], max_new_tokens=5, stop_token_ids=[]).tokens[0] for p in prompts]
+    print(json.dumps({"got": got, "want": want}))
+else:
+    engine.follow()
+    print(json.dumps({"followed": True}))
+"""
+
+
+def test_two_process_engine_serves_from_process_0_in_lockstep():
+    """Multi-host serving's engine half: process 0 schedules and broadcasts each call, process 1 follows, and
+    the tokens are the single-device model's."""
+    results = run_two_processes([sys.executable, "-c", ENGINE_WORKER])
+    leader = json.loads(results[0].stdout.strip().splitlines()[-1])
+    assert leader["got"] == leader["want"]
+    assert json.loads(results[1].stdout.strip().splitlines()[-1]) == {"followed": True}

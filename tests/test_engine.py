@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_config, hf_model, save, torch_one_thread
+from flax import nnx
 
 from dots_jax.inference.engine import Engine, PagePool, RequestError, RequestParams, page_key
 from dots_jax.inference.tokenizer import Tokenizer
@@ -28,8 +29,9 @@ def tiny(tmp_path_factory):
 
 
 def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
-    with torch_one_thread():
-        out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
+    ids = torch.tensor([prompt])
+    with torch_one_thread():  # an explicit mask: generate would otherwise take token 0 (pad_token_id) for padding
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -56,6 +58,14 @@ def test_paged_steps_give_the_dense_models_logits(tiny, backend):
     lengths, page, max_pages = [37, 6, 21], 4, 12
     ids = [rng.integers(0, cfg.vocab_size, n) for n in lengths]
     dense = [np.asarray(model(jnp.asarray(x)[None]))[0] for x in ids]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, x, cache, pages):
+        model = nnx.merge(graphdef, state)
+        hidden, cache, _ = model.hidden_states(x, cache=cache, pages=pages)
+        return model.logits(hidden), cache
+
     cache = PagedKVCache.create(cfg, 3 * max_pages + 4, page, jnp.float32)
     table = rng.permutation(3 * max_pages + 4)[:3 * max_pages].reshape(3, max_pages).astype(np.int32)
     done, got = [0, 0, 0], [[], [], []]
@@ -66,8 +76,8 @@ def test_paged_steps_give_the_dense_models_logits(tiny, backend):
             x[b, :q[b]] = ids[b][done[b]:done[b] + q[b]]
         kv = np.array([d + n for d, n in zip(done, q, strict=True)], np.int32)
         pages = PageTable(jnp.asarray(table), jnp.asarray(kv), jnp.asarray(q, jnp.int32), backend)
-        hidden, cache, _ = model.hidden_states(jnp.asarray(x), cache=cache, pages=pages)
-        logits = np.asarray(model.logits(hidden))
+        logits, cache = step(state, jnp.asarray(x), cache, pages)
+        logits = np.asarray(logits)
         for b in range(3):
             got[b].append(logits[b, :q[b]])
             done[b] += q[b]

@@ -558,14 +558,6 @@ def test_cli_refuses_a_taken_port_before_loading():
     assert code == 2 and "already in use" in err, err
 
 
-def test_cli_refuses_multi_host(monkeypatch):
-    from dots_jax.serve import main
-
-    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
-    code, _, err = run_cli(main, [])
-    assert code == 2 and "multi-host serving is not supported yet" in err, err
-
-
 class StubEngine:
     """Stands in for the Engine where only the server's mapping of the engine's answers is under test: 429 for
     QueueFull, 500 for a bug (the server stays up), 503 for a request the engine aborted."""

@@ -16,6 +16,9 @@ after a preemption (which recomputes its prompt and its tokens so far).
 
 Callbacks run on the engine thread: they must be quick and must not call JAX (the HTTP server hands each event to
 its event loop with call_soon_threadsafe).
+
+Several processes (jax.distributed, a mesh over all their devices): process 0 schedules and broadcasts each call's
+inputs; every other process runs follow(), which makes the same calls in lockstep until process 0 stops.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,7 +50,7 @@ from dots_jax.model.cache import PagedKVCache, PageTable
 from dots_jax.model.modeling import Dots1ForCausalLM
 from dots_jax.ops.paged_attention import default_paged_backend
 from dots_jax.parallel.cpu_tuning import tune_allocator
-from dots_jax.parallel.sharding import check_shardable, constrain, shard_state
+from dots_jax.parallel.sharding import check_shardable, constrain, make_mesh, shard_state
 
 log = logging.getLogger("dots_jax.engine")
 
@@ -280,6 +284,7 @@ class Engine:
                  prefill_chunk: int = 256, max_waiting: int = 256, mesh: Mesh | None = None,
                  attention_backend: str = "auto"):
         cfg = model.cfg
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
         self.max_seq_len = min(cfg.max_position_embeddings, 4096) if max_seq_len is None else max_seq_len
         for name, value, low in [("max_batch", max_batch, 1), ("max_seq_len", self.max_seq_len, 2),
@@ -470,7 +475,9 @@ class Engine:
         chunk sizes and the (not yet fetched) sampled tokens."""
         rows = _pow2(len(chunks))
         max_pages = max(-(-(s.computed + n) // self.page_size) for s, n in chunks)
-        cols = min(max(_pow2(max_pages), 4), _pow2(self.pages_per_seq))
+        # Page-table widths are powers of two from 64 pages: few compiled shapes, and the reference backend, which
+        # gathers a row's table, does not copy a long context's table for a short sequence.
+        cols = min(max(_pow2(max_pages), 64), _pow2(self.pages_per_seq))
         tokens = np.zeros((rows, width), np.int32)
         table = np.zeros((rows, cols), np.int32)
         kv_lens = np.zeros(rows, np.int32)
@@ -487,15 +494,33 @@ class Engine:
             s["temperature"][row], s["top_k"][row], s["top_p"][row], s["min_p"][row] = (
                 p.temperature, p.top_k, p.top_p, p.min_p)
             s["seed"][row], s["count"][row] = seq.seed, seq.generated
-        shape = (rows, width, cols)
+        arrays = {"tokens": tokens, "page_indices": table, "kv_lens": kv_lens, "q_lens": q_lens, **s}
+        if jax.process_count() > 1:
+            _broadcast_plan(arrays)
+        return [n for _, n in chunks], self._call(arrays)
+
+    def _call(self, arrays: dict[str, np.ndarray]) -> jax.Array:
+        """engine_step on a call's host inputs (the same in every process); returns the sampled tokens."""
+        shape = arrays["tokens"].shape + arrays["page_indices"].shape[1:]
         if shape not in self._shapes:
             self._shapes.add(shape)
             log.info("compiling the engine step for %d rows x %d tokens, %d pages per row", *shape)
-        pages = PageTable(jnp.asarray(table), jnp.asarray(kv_lens), jnp.asarray(q_lens), self.backend)
+        if self.mesh is None:
+            a = {k: jnp.asarray(v) for k, v in arrays.items()}
+        else:  # replicated: with several processes every input must be one global array
+            a = jax.device_put(arrays, NamedSharding(self.mesh, P()))
+        pages = PageTable(a.pop("page_indices"), a.pop("kv_lens"), a.pop("q_lens"), self.backend)
+        tokens = a.pop("tokens")
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            next_tokens, self.cache = engine_step(self.graphdef, self.state, self.cache, jnp.asarray(tokens), pages,
-                                                  RowSampling(**{k: jnp.asarray(v) for k, v in s.items()}))
-        return [n for _, n in chunks], next_tokens
+            next_tokens, self.cache = engine_step(self.graphdef, self.state, self.cache, tokens, pages,
+                                                  RowSampling(**a))
+        return next_tokens
+
+    def follow(self) -> None:
+        """In processes other than 0: make the engine calls process 0 broadcasts, until it stops."""
+        while (arrays := _receive_plan()) is not None:
+            np.asarray(self._call(arrays))  # waits, as process 0 does when it reads the tokens
+
 
     def _register_full_pages(self, seq: _Sequence) -> None:
         page = self.page_size
@@ -566,11 +591,14 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the thread start() began; with several processes, also release the followers."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            _broadcast_plan(None)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -617,3 +645,28 @@ class Engine:
         self._run([(dummy, 0)], 16)[1].block_until_ready()
         log.info("warmed up: decode for batch sizes %s and the smallest prefill in %.1f s", sizes,
                  time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------ several processes
+_PLAN_FIELDS = [("tokens", np.int32, 2), ("page_indices", np.int32, 2), ("kv_lens", np.int32, 1),
+                ("q_lens", np.int32, 1), ("temperature", np.float32, 1), ("top_k", np.int32, 1),
+                ("top_p", np.float32, 1), ("min_p", np.float32, 1), ("seed", np.uint32, 1), ("count", np.int32, 1)]
+
+
+def _broadcast_plan(arrays: dict[str, np.ndarray] | None) -> None:
+    """Process 0: send one call's inputs (None: stop) to the other processes' follow()."""
+    if arrays is None:
+        multihost_utils.broadcast_one_to_all(np.zeros(3, np.int32))
+        return
+    rows, width = arrays["tokens"].shape
+    multihost_utils.broadcast_one_to_all(np.array([rows, width, arrays["page_indices"].shape[1]], np.int32))
+    multihost_utils.broadcast_one_to_all({k: arrays[k] for k, _, _ in _PLAN_FIELDS})
+
+
+def _receive_plan() -> dict[str, np.ndarray] | None:
+    rows, width, cols = (int(x) for x in multihost_utils.broadcast_one_to_all(np.zeros(3, np.int32)))
+    if rows == 0:
+        return None
+    shapes = {"tokens": (rows, width), "page_indices": (rows, cols)}
+    empty = {k: np.zeros(shapes.get(k, (rows,)), dtype) for k, dtype, _ in _PLAN_FIELDS}
+    return {k: np.asarray(v) for k, v in multihost_utils.broadcast_one_to_all(empty).items()}
