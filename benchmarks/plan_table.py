@@ -1,10 +1,10 @@
-"""The README's planner table: `python -m dots_jax.plan` for the released 142B model on several TPU slices.
+"""The README's planner tables: `python -m dots_jax.plan` for the released 142B model on several TPU slices.
 
-    python benchmarks/plan_table.py            # prints a markdown table, writes benchmarks/results/plan_table.json
+    python benchmarks/plan_table.py            # prints markdown tables, writes benchmarks/results/plan_table.json
     python benchmarks/plan_table.py --resume   # keeps the rows already in the JSON, compiles the others
 
-Each row is one ahead-of-time TPU compile on this (CPU) machine: 30 s to a few minutes each on a small one.
-The JSON is rewritten after every row.
+Each row is one ahead-of-time TPU compile on this (CPU) machine: 30 s to a few minutes each on a small one (a
+serve row two or three: the step again with the page pool it reports). The JSON is rewritten after every row.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
-from dots_jax.plan import TABLE_HEADER, plan, table_row  # noqa: E402
+from dots_jax.plan import SERVE_TABLE_HEADER, TABLE_HEADER, plan, serve_table_row, table_row  # noqa: E402
 
 # (topology, mesh, mode, batch, seq, remat)
 ROWS = [
@@ -37,6 +37,8 @@ ROWS = [
     ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768, False),
     ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, False),
     ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, True),
+    # Serving: the engine's decode step and the KV pages that fit beside it (a second table)
+    ("v5p:4x4x4", "expert=16,fsdp=4", "serve", 64, 4096, False),
 ]
 OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
 
@@ -67,7 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         write_results(OUT, {"model": "dots.llm1.inst (142B)", "rows": reports})
     print(TABLE_HEADER)
     for r in reports:
-        print(table_row(r))
+        if r["mode"] != "serve":
+            print(table_row(r))
+    print()
+    print(SERVE_TABLE_HEADER)
+    for r in reports:
+        if r["mode"] == "serve":
+            print(serve_table_row(r))
     return 0
 
 

@@ -19,7 +19,10 @@ prints one `error: ...` line and exits with 2.
 
 Modes: "decode" one decode step for --batch rows against a KV cache of --seq slots (cache donated; its layout
 left to the compiler, which otherwise copies it); "prefill" --batch x --seq prompt tokens written into a cache of
---seq slots; "train" one training step (f32 master weights, bf16 compute, AdamW) on --batch x --seq tokens.
+--seq slots; "train" one training step (f32 master weights, bf16 compute, AdamW) on --batch x --seq tokens;
+"serve" the serving engine's decode step (dots_jax.inference.engine.engine_step: --batch rows, the engine's
+max_batch, over a paged KV cache of --page-size-token pages, attention by the "ragged" Pallas kernel) and how many
+KV pages and concurrent --seq-token sequences fit beside it (see serve_capacity).
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ CHIPS: dict[str, Chip] = {
     "v5e": Chip("v5e", 16, 197e12, 819e9, 1),
     "v6e": Chip("v6e", 32, 918e12, 1640e9, 1),
 }
-MODES = ("decode", "prefill", "train")
+MODES = ("decode", "prefill", "train", "serve")
 # The TPU kernels, named: "auto" resolves by the host's platform, and a planner host is a CPU.
 ATTENTION_BACKEND = "splash"
+PAGED_BACKEND = "ragged"
+# Serving: the share of HBM held back from the page pool (allocator fragmentation, the runtime's own buffers,
+# the engine's prefill step, whose temporaries the planner does not compile: see serve_capacity).
+SERVE_MARGIN = 0.05
 
 
 class PlanError(UserError):
@@ -127,8 +134,8 @@ def experts_hit_fraction(cfg, tokens: int) -> float:
     return 1.0 - (1.0 - cfg.num_experts_per_tok / cfg.n_routed_experts) ** tokens
 
 
-def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int], remat: bool = False
-                    ) -> dict[str, float]:
+def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int], remat: bool = False,
+                    attention_split: int | None = None) -> dict[str, float]:
     """Hand-computed flops and HBM bytes per step, total and on the busiest chip.
 
     flops: 2 x active weights per token for the matmuls, plus attention's QK^T and PV (4 x heads x head_dim per
@@ -137,23 +144,27 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     chip: the weights each chip reads (attention, dense and shared weights whole per chip, split only by the tensor
     axis; routed experts: the share that the step's tokens hit, split over the expert axis), the KV cache split
     over the batch axes, and in training the f32 master weights, gradients and AdamW moments (read + written) of
-    the chip's own shard.
+    the chip's own shard. "serve" counts as "decode". `attention_split`: the chips that share attention's work and
+    the KV cache (default all; serving's "ragged" kernel splits only the key/value heads and repeats the rest, see
+    paged_kv_arithmetic).
     """
     chips = math.prod(mesh_shape.values())
+    attention_split = attention_split or chips
     tensor, expert = mesh_shape["tensor"], mesh_shape["expert"]
     c = param_counts(cfg)
     head, active = active_params_per_token(cfg)
-    tokens = batch * (1 if mode == "decode" else seq)
+    tokens = batch * (1 if mode in ("decode", "serve") else seq)
     attn_flops_per_token = 4 * cfg.num_attention_heads * cfg.head_dim * seq * cfg.num_hidden_layers
-    forward = tokens * (2 * (active + head) + attn_flops_per_token)
-    flops = forward * ((4 if remat else 3) if mode == "train" else 1)
+    passes = (4 if remat else 3) if mode == "train" else 1
+    matmul_flops, attention_flops = passes * tokens * 2 * (active + head), passes * tokens * attn_flops_per_token
+    flops = matmul_flops + attention_flops
 
     w_bytes = 4 if mode == "train" else 2  # f32 master weights in training (cast to bf16 per use), else bf16
     non_routed = sum(v for k, v in c.items() if k not in ("routed_experts", "embed"))
     hit = experts_hit_fraction(cfg, tokens)
     weights_read = w_bytes * (non_routed / tensor + c["routed_experts"] * hit / expert)
     kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
-    kv_bytes = batch * seq * kv_per_token / chips  # read (decode) or written (prefill) once per step
+    kv_bytes = batch * seq * kv_per_token / attention_split  # read (decode) or written (prefill) once per step
     optimizer = 0.0
     if mode == "train":
         kv_bytes = 0.0
@@ -161,10 +172,51 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
         optimizer = total / chips * 4 * 2 * 4  # params, grads, m, v: f32, each read and written once
         weights_read *= 3  # forward, and the backward reads them again for both gradients
     per_chip_bytes = weights_read + kv_bytes + optimizer
-    return {"tokens_per_step": tokens, "flops_per_step": float(flops), "flops_per_chip": flops / chips,
+    flops_per_chip = matmul_flops / chips + attention_flops / attention_split
+    return {"tokens_per_step": tokens, "flops_per_step": float(flops), "flops_per_chip": flops_per_chip,
             "bytes_per_chip": per_chip_bytes, "weights_read_per_chip": weights_read,
             "kv_bytes_per_chip": kv_bytes, "experts_hit_fraction": hit,
             "active_params_per_token": active + head, "total_params": sum(c.values())}
+
+
+def paged_head_axes(mesh_shape: dict[str, int], kv_heads: int) -> tuple[str, ...]:
+    """The mesh axes over which the "ragged" kernel splits the key/value heads, and so the page pool: the rule of
+    dots_jax.ops.ragged_paged (largest axes first, each kept while the product still divides the heads)."""
+    axes: list[str] = []
+    for axis in sorted(mesh_shape, key=lambda a: -mesh_shape[a]):
+        if mesh_shape[axis] > 1 and kv_heads % (math.prod(mesh_shape[a] for a in axes) * mesh_shape[axis]) == 0:
+            axes.append(axis)
+    return tuple(axes)
+
+
+def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: int) -> dict[str, Any]:
+    """The serving page pool per chip.
+
+    The pool is [layers, pages, page_size, 2 x kv_heads, head_dim] in bf16, one for the whole slice. The "ragged"
+    kernel runs per chip in shard_map with the key/value heads split over paged_head_axes and the pages and the
+    rows whole, so the pool is split the same way: every chip holds every page, for its share of the heads, and the
+    pool is repeated over the other axes (`pool_replicas`). A page then costs layers x page_size x 2 x
+    kv_heads_per_chip x head_dim x 2 bytes on every chip, and a sequence of `seq` tokens takes ceil(seq /
+    page_size) pages.
+    """
+    axes = paged_head_axes(mesh_shape, cfg.num_key_value_heads)
+    split = math.prod(mesh_shape[a] for a in axes)
+    kv_heads = cfg.num_key_value_heads // split
+    page_bytes = cfg.num_hidden_layers * page_size * 2 * kv_heads * cfg.head_dim * 2
+    return {"page_size": page_size, "head_axes": list(axes), "head_split": split,
+            "pool_replicas": math.prod(mesh_shape.values()) // split, "kv_heads_per_chip": kv_heads,
+            "page_bytes_per_chip": page_bytes, "pages_per_seq": -(-seq // page_size)}
+
+
+def serve_capacity(budget_bytes: float, fixed_bytes: float, bytes_per_page: float, pages_per_seq: int,
+                   head_split: int) -> dict[str, float]:
+    """KV pages per chip and concurrent sequences: what the budget (HBM less the margin) leaves once the compiled
+    step's own needs (`fixed_bytes`: weights, other arguments, temporaries, code) are met, in pages of
+    `bytes_per_page`. The pool is one for the slice, so `seqs_per_slice` = pages // pages_per_seq; each chip holds
+    1/head_split of every one of them, the KV of `seqs_per_chip` whole sequences."""
+    pages = max(0, math.floor((budget_bytes - fixed_bytes) / bytes_per_page))
+    seqs = pages // pages_per_seq
+    return {"kv_pages_per_chip": pages, "seqs_per_slice": seqs, "seqs_per_chip": seqs / head_split}
 
 
 def roofline(arith: dict[str, float], chip: Chip) -> dict[str, float]:
@@ -252,6 +304,150 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat:
         return step.lower(*args), weights, kv_bytes
 
 
+def _pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _serve_model(cfg, mesh):
+    """(graphdef, abstract state with the table's shardings, weight bytes per chip) of the bf16 model."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dots_jax.model.modeling import abstract_model
+    from dots_jax.parallel.sharding import param_shardings, with_shardings
+
+    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
+                           attention_backend=ATTENTION_BACKEND)
+    graphdef, state = nnx.split(model)
+    state = with_shardings(state, param_shardings(state, mesh))
+    return graphdef, state, sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+
+
+# The engine's per-row sampling arrays (dots_jax.inference.engine.RowSampling), by field.
+_SAMPLING_DTYPES = {"temperature": "float32", "top_k": "int32", "top_p": "float32", "min_p": "float32",
+                    "seed": "uint32", "count": "int32"}
+
+
+def _lower_serve(cfg, graphdef, state, mesh, rows: int, seq: int, page_size: int, num_pages: int,
+                 head_axes: Sequence[str]):
+    """(the engine's decode step lowered for `rows` rows over a pool of `num_pages` pages, pool bytes per chip).
+    The step is the engine's own jitted function, with the arguments the engine passes it: page-table columns
+    padded to a power of two as the engine pads them, the pool donated."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from dots_jax.inference.engine import RowSampling, engine_step
+    from dots_jax.model.cache import PagedKVCache, PageTable
+    from dots_jax.parallel.sharding import with_shardings
+
+    cache = jax.eval_shape(lambda: PagedKVCache.create(cfg, num_pages, page_size, jnp.bfloat16))
+    pool = NamedSharding(mesh, P(None, None, None, tuple(head_axes) or None, None))
+    cache = with_shardings(cache, jax.tree.map(lambda _: pool, cache))
+    whole = NamedSharding(mesh, P())  # the kernel reads every row's table on every chip
+
+    def sds(shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=whole)
+
+    cols = _pow2(-(-seq // page_size))
+    pages = PageTable(sds((rows, cols)), sds((rows,)), sds((rows,)), PAGED_BACKEND)
+    sampling = RowSampling(**{f.name: sds((rows,), jnp.dtype(_SAMPLING_DTYPES[f.name]))
+                              for f in dataclasses.fields(RowSampling)})
+    with jax.set_mesh(mesh):
+        lowered = engine_step.lower(graphdef, state, cache, sds((rows, 1)), pages, sampling)
+    return lowered, sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+
+
+def _memory(compiled, weights: int, kv: int) -> dict[str, float]:
+    """The compiler's memory per chip, in GiB, weights and KV cache split out of the arguments."""
+    mem = compiled.memory_analysis()
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    code = getattr(mem, "generated_code_size_in_bytes", 0)
+    return {"weights": weights / GiB, "kv_cache": kv / GiB, "other_arguments": max(args - weights - kv, 0) / GiB,
+            "outputs_not_aliased": (out - alias) / GiB, "temporaries": temp / GiB, "code": code / GiB,
+            "total": (args + out - alias + temp + code) / GiB}
+
+
+def _exhausted(e: Exception) -> bool:
+    message = str(e)
+    return "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower()
+
+
+def _plan_serve(cfg, mesh, shape: dict[str, int], chip: Chip, batch: int, seq: int, page_size: int, margin: float,
+                verify: bool) -> dict[str, Any]:
+    """The serve mode's compiles and capacity: the report's "serve", "memory_gib", "fits" and the capacity keys.
+
+    1. The engine's decode step with the engine's default pool (a whole sequence per row): what it needs per chip
+       besides its pool, taken from the budget, gives the pages (serve_capacity, a page costing its bytes).
+    2. With `verify`, the step again with that pool: it must fit the HBM, and its need must have grown by the
+       pool's bytes.
+    3. If it grew by more (the step copies its pool, or a buffer scales with it), the two compiles give the real
+       cost of a page: the pages are recomputed from it and compiled once more.
+    """
+    kv = paged_kv_arithmetic(cfg, shape, page_size, seq)
+    rows, page_bytes = _pow2(batch), float(kv["page_bytes_per_chip"])
+    budget = chip.hbm_gib * GiB * (1 - margin)
+    graphdef, state, weights = _serve_model(cfg, mesh)
+    compiles: list[dict[str, Any]] = []
+
+    def compile_at(pages: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        lowered, pool = _lower_serve(cfg, graphdef, state, mesh, rows, seq, page_size, pages, kv["head_axes"])
+        point: dict[str, Any] = {"pages": pages, "pool_gib": pool / GiB}
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # XlaRuntimeError / JaxRuntimeError, depending on the version
+            if not _exhausted(e):
+                raise
+            point.update(fits=False, needs_gib=needed_from_message(str(e)),
+                         compiler_message=str(e).splitlines()[0][:500])
+        else:
+            memory = _memory(compiled, weights, pool)
+            point.update(fits=memory["total"] <= chip.hbm_gib, needs_gib=memory["total"], memory_gib=memory,
+                         mosaic_kernels=mosaic_kernels(compiled.as_text()))
+        point["compile_s"] = time.perf_counter() - t0
+        compiles.append(point)
+        return point
+
+    def capacity(point: dict[str, Any], per_page: float) -> dict[str, Any]:
+        fixed = point["needs_gib"] * GiB - per_page * point["pages"]
+        return {"step_gib_without_pool": fixed / GiB, "bytes_per_page": per_page,
+                **serve_capacity(budget, fixed, per_page, kv["pages_per_seq"], kv["head_split"])}
+
+    point, per_page = compile_at(rows * kv["pages_per_seq"]), page_bytes
+    if verify and point["needs_gib"]:
+        probe = point
+        pages = capacity(probe, per_page)["kv_pages_per_chip"]
+        if 0 < pages != probe["pages"]:
+            point = compile_at(pages)
+        if point is not probe and point["needs_gib"]:
+            slope = (point["needs_gib"] - probe["needs_gib"]) * GiB / (point["pages"] - probe["pages"])
+            # Within 1% of the page's bytes the difference is the compiler's alignment, not a cost of the pool.
+            if abs(slope / page_bytes - 1) >= 0.01:
+                per_page = slope
+                pages = capacity(point, per_page)["kv_pages_per_chip"]
+                if pages > 0:
+                    point = compile_at(pages)
+    # The capacity from the last compile: with `verify`, a pool within 1% of the one it compiled.
+    cap = capacity(point, per_page) if point["needs_gib"] else {}
+    verified = (len(compiles) > 1 and point["fits"]
+                and abs(cap["kv_pages_per_chip"] - point["pages"]) <= point["pages"] // 100)
+    out: dict[str, Any] = {
+        **cap, "weights_gib": weights / GiB, "kv_cache_gib": point["pool_gib"], "needs_gib": point["needs_gib"],
+        "compile_s": sum(c["compile_s"] for c in compiles),
+        "fits": point["fits"] and cap.get("kv_pages_per_chip", 0) >= kv["pages_per_seq"],
+        "serve": {**kv, "rows": rows, "margin": margin, "budget_gib": budget / GiB, "compiles": compiles,
+                  "verified": verified, "pool_copied": per_page > 1.01 * page_bytes},
+    }
+    for key in ("memory_gib", "mosaic_kernels", "compiler_message"):
+        if key in point:
+            out[key] = point[key]
+    return out
+
+
 # XLA:TPU's words: "the total memory required for HLO temporaries (266.52G) exceeds available HBM (95.74G)",
 # or (other versions) "Used 123.45G of 95.74G hbm".
 _NEEDS = (re.compile(r"\(([0-9.]+)\s*([KMGT]?)i?B?\)\s+exceeds available HBM", re.I),
@@ -268,8 +464,10 @@ def needed_from_message(message: str) -> float | None:
     return None
 
 
-# Our gmm kernels' names and splash attention's (splash_{mha,mqa}_{fwd,dq,dkv}[_segmented]_{residuals,...}).
-_KERNEL_NAMES = re.compile(r"\b(dots_t?gmm(?:_t)?|splash_m[hq]a_\w+?_(?:no_)?residuals)\b")
+# Our gmm kernels' names, splash attention's (splash_{mha,mqa}_{fwd,dq,dkv}[_segmented]_{residuals,...}) and
+# the serving engine's paged attention kernel.
+_KERNEL_NAMES = re.compile(r"\b(dots_t?gmm(?:_t)?|splash_m[hq]a_\w+?_(?:no_)?residuals"
+                           r"|ragged_paged_attention_kernel)\b")
 
 
 def mosaic_kernels(hlo_text: str) -> list[str]:
@@ -301,14 +499,18 @@ def _mesh(mesh_spec: str, devices):
 
 
 def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
-         auto_layout: bool = True, remat: bool = False) -> dict[str, Any]:
+         auto_layout: bool = True, remat: bool = False, page_size: int = 16, margin: float = SERVE_MARGIN,
+         verify: bool = True) -> dict[str, Any]:
     """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
     `config`: a preset name, a config.json path or a Dots1Config. `remat`: a training step that recomputes each
-    layer in its backward pass (`python -m dots_jax.train --remat`)."""
+    layer in its backward pass (`python -m dots_jax.train --remat`). Serve mode: `page_size` tokens per KV page,
+    `margin` the share of HBM kept out of the pool, `verify` compiles the step again with the pool it reports."""
     if mode not in MODES:
         raise PlanError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch < 1 or seq < 1:
         raise PlanError(f"--batch and --seq must be positive, got {batch} and {seq}")
+    if page_size < 1 or not 0 <= margin < 1:
+        raise PlanError(f"--page-size must be positive and --margin in [0, 1), got {page_size} and {margin}")
     chip = chip_for(topology)
     topology_chips(topology)
     _quiet_libtpu(topology)
@@ -336,21 +538,25 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     shape = parse_mesh_spec(mesh_spec)
     if remat and mode != "train":
         raise PlanError("--remat applies to --mode train only (inference keeps no activations for a backward)")
-    arith = step_arithmetic(cfg, mode, batch, seq, shape, remat)
+    kv_split = paged_kv_arithmetic(cfg, shape, page_size, seq)["head_split"] if mode == "serve" else None
+    arith = step_arithmetic(cfg, mode, batch, seq, shape, remat, attention_split=kv_split)
     report: dict[str, Any] = {
         "topology": topology, "slice": slice_name(topology), "chips": len(devices), "mesh": mesh_spec,
         "mode": mode, "remat": remat, "batch": batch, "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
         "arithmetic": arith, "roofline": roofline(arith, chip),
     }
+    if mode == "serve":
+        report.update(_plan_serve(cfg, mesh, shape, chip, batch, seq, page_size, margin, verify))
+        return report
     t0 = time.perf_counter()
     try:
         lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat)
         report["weights_gib"], report["kv_cache_gib"] = weights / GiB, kv / GiB
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, depending on the version
-        message = str(e)
-        if "RESOURCE_EXHAUSTED" not in message and "exceeds" not in message.lower():
+        if not _exhausted(e):
             raise
+        message = str(e)
         report["compile_s"] = time.perf_counter() - t0
         # The message's figure where it gives one, else what the arguments alone take (a lower bound).
         needs = needed_from_message(message) or (report.get("weights_gib", 0) + report.get("kv_cache_gib", 0))
@@ -358,19 +564,8 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
         return report
     report["compile_s"] = time.perf_counter() - t0
     report["mosaic_kernels"] = mosaic_kernels(compiled.as_text())
-    mem = compiled.memory_analysis()
-    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
-    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
-    code = getattr(mem, "generated_code_size_in_bytes", 0)
-    total = args + out - alias + temp + code
-    other_args = max(args - weights - kv, 0)
-    report.update(
-        memory_gib={"weights": weights / GiB, "kv_cache": kv / GiB, "other_arguments": other_args / GiB,
-                    "outputs_not_aliased": (out - alias) / GiB, "temporaries": temp / GiB,
-                    "code": code / GiB, "total": total / GiB},
-        fits=total <= chip.hbm_gib * GiB,
-        needs_gib=total / GiB,
-    )
+    memory = _memory(compiled, weights, kv)
+    report.update(memory_gib=memory, fits=memory["total"] <= chip.hbm_gib, needs_gib=memory["total"])
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     if cost:
@@ -392,6 +587,8 @@ def format_report(r: dict[str, Any]) -> str:
     mode = r["mode"] + (" (remat)" if r.get("remat") else "")
     lines = [f"dots.llm1 ({r['config']}, {a['total_params'] / 1e9:.1f}B params) {mode}: batch {r['batch']}, "
              f"seq {r['seq']} on {r['slice']} ({r['topology']}, {r['chips']} chips), mesh {r['mesh']}"]
+    if r["mode"] == "serve":
+        lines += _serve_lines(r)
     if not r["fits"]:
         needs = r.get("needs_gib")
         lines.append(f"does not fit: needs {needs:.1f} GiB per chip (HBM {r['hbm_gib']:g} GiB)" if needs
@@ -429,6 +626,31 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _serve_lines(r: dict[str, Any]) -> list[str]:
+    sv = r["serve"]
+    axes = "x".join(sv["head_axes"]) or "no axis"
+    lines = [f"serving: the engine's decode step ({sv['rows']} rows, \"{PAGED_BACKEND}\" paged attention), "
+             f"{sv['page_size']}-token KV pages of {sv['page_bytes_per_chip'] / 2**20:.2f} MiB per chip "
+             f"({sv['kv_heads_per_chip']} KV heads per chip: heads split {sv['head_split']} ways over {axes}, the "
+             f"pool repeated {sv['pool_replicas']}x)"]
+    if "kv_pages_per_chip" in r:
+        lines += [
+            f"  KV pages per chip: {r['kv_pages_per_chip']:,} "
+            f"({r['kv_pages_per_chip'] * sv['page_bytes_per_chip'] / GiB:.1f} GiB) -> {r['seqs_per_slice']:,} "
+            f"concurrent {r['seq']}-token sequences on the slice ({sv['pages_per_seq']} pages each), the KV of "
+            f"{r['seqs_per_chip']:.1f} per chip",
+            f"  budget {sv['budget_gib']:.2f} GiB ({r['hbm_gib']:g} GiB HBM less {100 * sv['margin']:g}%) - "
+            f"{r['step_gib_without_pool']:.2f} GiB the compiled step needs besides its pool",
+        ]
+    if sv["pool_copied"]:
+        lines.append(f"  the step's need grows by {r['bytes_per_page'] / sv['page_bytes_per_chip']:.2f}x a page's "
+                     "bytes per page: it copies its page pool (the pages above count the copy)")
+    compiles = "; ".join(f"{c['pages']:,} pages: {c['needs_gib']:.2f} GiB" if c.get("needs_gib") else
+                         f"{c['pages']:,} pages: does not fit" for c in sv["compiles"])
+    lines.append(f"  compiles ({'verified' if sv['verified'] else 'not verified'}): {compiles}")
+    return lines
+
+
 def table_row(r: dict[str, Any]) -> str:
     mem = f"{r['memory_gib']['total']:.1f}" if r["fits"] else f"**does not fit** ({r['needs_gib']:.0f} needed)" \
         if r.get("needs_gib") else "**does not fit**"
@@ -444,22 +666,48 @@ TABLE_HEADER = ("| slice | mesh | mode | batch x seq | weights GiB/chip | KV cac
                 "| total GiB/chip (compiler) / HBM | roofline tokens/s |\n|---|---|---|---|---|---|---|---|")
 
 
+def serve_table_row(r: dict[str, Any]) -> str:
+    """A serve-mode report as a row of SERVE_TABLE_HEADER."""
+    sv = r["serve"]
+    if "kv_pages_per_chip" not in r:
+        return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {r['batch']} x {r['seq']} | "
+                f"{sv['page_size']} | **does not fit** | | | | | |")
+    total = f"{r['memory_gib']['total']:.1f}" if "memory_gib" in r else "-"
+    return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {r['batch']} x {r['seq']} | {sv['page_size']} | "
+            f"{r['weights_gib']:.1f} | {r['step_gib_without_pool']:.1f} | {sv['page_bytes_per_chip'] / 2**20:.2f} | "
+            f"{r['kv_pages_per_chip']:,} | {r['seqs_per_slice']:,} ({r['seqs_per_chip']:.1f}) | "
+            f"{total} / {r['hbm_gib']:g} |")
+
+
+SERVE_TABLE_HEADER = ("| slice | mesh | max batch x seq | page | weights GiB/chip | step without pool GiB/chip "
+                      "| KV page MiB/chip | KV pages/chip | concurrent sequences: slice (KV per chip) "
+                      "| total GiB/chip (compiler) / HBM |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
 def _main(argv: Sequence[str] | None) -> int:
     p = cli.Parser(prog="python -m dots_jax.plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--topology", required=True, help="TPU topology, e.g. v5p:4x4x4 (64 chips), v5e:8x8, v6e:8x8")
     p.add_argument("--mesh", required=True, help="mesh axes, e.g. expert=16,fsdp=4 (data, fsdp, expert, tensor)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--seq", type=int, default=4096, help="KV cache slots (decode) or tokens per row")
+    p.add_argument("--batch", "--max-batch", type=int, default=64, help="rows per step (serve: the engine's "
+                   "max_batch)")
+    p.add_argument("--seq", type=int, default=4096, help="KV cache slots (decode), tokens per row, or (serve) "
+                   "the sequence length whose concurrent sequences are counted")
     p.add_argument("--mode", choices=MODES, default="decode")
     p.add_argument("--config", default="dots.llm1.inst", help="a preset in configs/ or a config.json path")
     p.add_argument("--no-auto-layout", action="store_true", help="keep the KV cache's default layout")
     p.add_argument("--remat", action="store_true",
                    help="train mode: recompute each layer in the backward pass, as `python -m dots_jax.train "
                         "--remat` does (long sequences)")
+    p.add_argument("--page-size", type=int, default=16, help="serve: tokens per KV page")
+    p.add_argument("--margin", type=float, default=SERVE_MARGIN,
+                   help="serve: the share of HBM kept out of the KV page pool")
+    p.add_argument("--no-verify", action="store_true",
+                   help="serve: one compile, without compiling the step again with the pool it reports")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
     report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
-                  auto_layout=not args.no_auto_layout, remat=args.remat)
+                  auto_layout=not args.no_auto_layout, remat=args.remat, page_size=args.page_size,
+                  margin=args.margin, verify=not args.no_verify)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,8 @@ def test_bad_arguments_are_reported_before_compiling(capsys) -> None:
     assert "--mesh" in capsys.readouterr().err
     assert planner.main(["--topology", TOPOLOGY, "--mesh", "expert=16,fsdp=4", "--mode", "decode", "--remat"]) == 2
     assert "--remat applies to --mode train only" in capsys.readouterr().err
+    assert planner.main(["--topology", TOPOLOGY, "--mesh", MESH, "--mode", "serve", "--page-size", "0"]) == 2
+    assert "--page-size must be positive" in capsys.readouterr().err
 
 
 def test_arithmetic_by_hand() -> None:
@@ -200,3 +202,90 @@ def test_compiled_plan_reports_the_hand_arithmetic(decode) -> None:
     assert a["bytes_per_chip"] == pytest.approx(weights + 64 * 4096 * 62 * 2 * 32 * 128 * 2 / 64, rel=1e-9)
     assert decode["roofline"]["tokens_per_s"] == pytest.approx(
         64 / max(a["flops_per_step"] / 64 / 459e12, a["bytes_per_chip"] / 2765e9))
+
+
+# ------------------------------------------------------------------------------------------ serving: the page pool
+def hand_page_bytes(hf: dict, page: int, heads_per_chip: int) -> int:
+    """One KV page on one chip: every layer's K and V for `page` tokens of the chip's heads, in bf16."""
+    return hf["num_hidden_layers"] * page * 2 * heads_per_chip * hf["head_dim"] * 2
+
+
+@pytest.mark.parametrize("mesh, axes, heads_per_chip", [
+    ({"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}, ["expert"], 2),  # 32 heads: 16 divides, 16 x 4 does not
+    ({"data": 1, "fsdp": 2, "expert": 8, "tensor": 4}, ["expert", "tensor"], 1),  # 8 x 4 = 32 ways
+    ({"data": 64, "fsdp": 1, "expert": 1, "tensor": 1}, [], 32),  # 64 divides no 32 heads: the pool whole per chip
+])
+def test_serving_page_pool_arithmetic_by_hand(mesh, axes, heads_per_chip) -> None:
+    """The ragged kernel splits the 32 KV heads over the largest mesh axes that divide them, so a page costs every
+    chip its heads' share; a 4096-token sequence is 256 pages of 16; the pages that fit are what the budget (HBM
+    less the margin) leaves beside the compiled step, and the slice holds pages // 256 sequences, each chip 1/split
+    of every one."""
+    from dots_jax.config import preset
+
+    cfg = preset("dots.llm1.inst")
+    hf = cfg.to_hf()
+    kv = planner.paged_kv_arithmetic(cfg, mesh, page_size=16, seq=4096)
+    assert kv["head_axes"] == axes and kv["kv_heads_per_chip"] == heads_per_chip
+    split = 32 // heads_per_chip
+    assert kv["head_split"] == split and kv["pool_replicas"] == 64 // split
+    assert kv["page_bytes_per_chip"] == hand_page_bytes(hf, 16, heads_per_chip)
+    assert hand_page_bytes(hf, 16, 32) == 62 * 16 * 2 * 32 * 128 * 2  # 15.5 MiB: 0.97 MiB per token (MHA)
+    assert kv["pages_per_seq"] == 256 and planner.paged_kv_arithmetic(cfg, mesh, 16, 4097)["pages_per_seq"] == 257
+
+    budget, fixed = 95 * 2**30 * 0.95, 11.25 * 2**30
+    cap = planner.serve_capacity(budget, fixed, kv["page_bytes_per_chip"], kv["pages_per_seq"], kv["head_split"])
+    pages = int((95 * 0.95 - 11.25) * 2**30 // hand_page_bytes(hf, 16, heads_per_chip))
+    assert cap["kv_pages_per_chip"] == pages and cap["seqs_per_slice"] == pages // 256
+    assert cap["seqs_per_chip"] == pytest.approx(pages // 256 / split)
+    assert planner.serve_capacity(10.0, 20.0, 1.0, 256, 1)["kv_pages_per_chip"] == 0  # nothing left: no pages
+
+
+def test_serving_decode_traffic_counts_the_repeated_attention() -> None:
+    """The serving step reads every row's KV of its heads on every chip (rows whole, heads split 16 ways), not a
+    64th of it as the dense decode step's row split does; attention's flops are likewise split 16 ways."""
+    from dots_jax.config import preset
+
+    cfg = preset("dots.llm1.inst")
+    mesh = {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}
+    decode = planner.step_arithmetic(cfg, "decode", 64, 4096, mesh)
+    serve = planner.step_arithmetic(cfg, "serve", 64, 4096, mesh, attention_split=16)
+    kv_total = 64 * 4096 * 62 * 2 * 32 * 128 * 2
+    assert serve["kv_bytes_per_chip"] == pytest.approx(kv_total / 16)
+    assert serve["bytes_per_chip"] - decode["bytes_per_chip"] == pytest.approx(kv_total / 16 - kv_total / 64)
+    attention = 64 * 4 * 32 * 128 * 4096 * 62
+    assert serve["flops_per_step"] == decode["flops_per_step"]
+    assert serve["flops_per_chip"] - decode["flops_per_chip"] == pytest.approx(attention / 16 - attention / 64)
+
+
+@pytest.fixture(scope="module")
+def serve() -> dict:
+    """The serving engine's decode step (64 rows, "ragged" paged attention), one compile: `verify` would compile it
+    again with the pool it reports (about a minute more)."""
+    return planner.plan(TOPOLOGY, MESH, batch=64, seq=4096, mode="serve", verify=False)
+
+
+def test_serving_step_of_the_full_model_compiles_and_reports_the_pages_per_chip(serve) -> None:
+    """The engine's own jitted step for 142B on v5p-64, with the Mosaic ragged-paged-attention and gmm kernels; the
+    pages per chip are 95 GiB less 5%, less what the compiled step needs besides its pool (the compiler's figure),
+    in pages of 62 layers x 16 tokens x K and V x 2 heads x 128 x 2 bytes."""
+    from dots_jax.config import preset
+
+    r = serve
+    hf = preset("dots.llm1.inst").to_hf()
+    assert r["chips"] == 64 and r["fits"], r.get("compiler_message")
+    assert {"ragged_paged_attention_kernel", "dots_gmm"} <= set(r["mosaic_kernels"]), r["mosaic_kernels"]
+    m, page = r["memory_gib"], hand_page_bytes(hf, 16, 32 // 16)  # the 32 KV heads split over expert=16
+    assert m["kv_cache"] * 2**30 == 64 * 256 * page  # the engine's default pool: a 4096-token sequence per row
+    c = hand_counts(hf)
+    # Routed experts over expert=16 x fsdp=4; every other matrix (routers too) over fsdp=4, its hidden dimension.
+    assert m["weights"] * 2**30 == pytest.approx(2 * (c["routed"] / 64 + (c["rest"] + c["embed"]) / 4), rel=1e-4)
+
+    besides_pool = (m["total"] - m["kv_cache"]) * 2**30
+    pages = math.floor((95 * 2**30 * 0.95 - besides_pool) / page)
+    assert abs(r["kv_pages_per_chip"] - pages) <= 1  # GiB floats in the report
+    assert r["seqs_per_slice"] == r["kv_pages_per_chip"] // 256
+    assert r["seqs_per_chip"] == pytest.approx(r["seqs_per_slice"] / 16)
+    assert 100 < r["seqs_per_slice"] < 400  # 7.5 GiB of weights: 70-85 GiB of 0.97 MiB pages
+    text = planner.format_report(r)
+    assert f"KV pages per chip: {r['kv_pages_per_chip']:,}" in text and "not verified" in text
+    assert f"| {r['kv_pages_per_chip']:,} | {r['seqs_per_slice']:,} (" in planner.serve_table_row(r)
