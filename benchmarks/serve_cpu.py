@@ -11,7 +11,8 @@ config of generate_cpu.py with random weights, saved as an HF directory with a 3
   chunks, as vLLM's benchmark reports them, a chunk of k tokens counting as k gaps), output tokens/s = completion
   tokens / wall time of the level. Requests are greedy (temperature 0) with ignore_eos (the server takes vLLM's
   extension), so every request returns exactly its max_tokens tokens whatever the weights say; return_token_ids
-  gives the server's token ids. Before each level, one untimed request per client compiles what it needs.
+  gives the server's token ids. Before each level, an untimed pass of the same mix (clients + 2 x prompt lengths
+  requests) compiles the prefill shapes it meets; shapes compiled while timed are counted in the results.
 - static: dots_jax.generate() on the same requests in batches of N (every row runs to the batch's longest
   max_tokens; only each request's own max_tokens count as output), stop tokens off.
 - transformers: Dots1ForCausalLM.generate on the same batches (left padding, do_sample=False, sdpa attention,
@@ -293,9 +294,20 @@ def percentiles_ms(values: list[float]) -> dict[str, float]:
     return {"p50_ms": 1e3 * float(np.percentile(values, 50)), "p99_ms": 1e3 * float(np.percentile(values, 99))}
 
 
-def engine_level(port: int, model_id: str, requests: list[Request], warm: list[Request], clients: int) -> dict:
-    closed_loop(port, model_id, warm, clients)  # compiles this level's shapes; untimed
+def compiles(log: Path) -> int:
+    """How many engine-step shapes the server has compiled so far (it logs each one)."""
+    return log.read_text(errors="replace").count("compiling the engine step")
+
+
+def engine_level(port: int, model_id: str, requests: list[Request], warm: list[Request], clients: int,
+                 log: Path) -> dict:
+    # The server compiles its decode shapes before it opens its port, and a prefill shape (rows x chunk width x
+    # pages) when it first meets it: an untimed pass of the same mix meets most of them. Those met while timed are
+    # counted in the results.
+    closed_loop(port, model_id, warm, clients)
+    before = compiles(log)
     wall, timings = closed_loop(port, model_id, requests, clients)
+    compiled = compiles(log) - before
     tokens = sum(len(t.token_ids) for t in timings)
     ttft = [t.chunks[0][0] - t.sent for t in timings if t.chunks]
     itl = []
@@ -303,7 +315,7 @@ def engine_level(port: int, model_id: str, requests: list[Request], warm: list[R
         for (previous, _), (arrival, k) in itertools.pairwise(t.chunks):
             # A chunk carrying k tokens counts as k gaps of 1/k of its wait, as the server's histogram counts them.
             itl += [(arrival - previous) / k] * k
-    return {"tok_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens,
+    return {"tok_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens, "compiles_while_timed": compiled,
             "ttft": percentiles_ms(ttft), "itl": percentiles_ms(itl), "outputs": [t.token_ids for t in timings]}
 
 
@@ -465,16 +477,18 @@ def bench_model(m: Model, args, bandwidth: float, log: Path) -> dict:
         seed = 1000 * clients
         levels.append({"clients": clients,
                        "requests": make_requests(m, count, args.prompt_tokens, args.max_tokens, seed, corpus),
-                       "warm": make_requests(m, clients, args.prompt_tokens, [2], seed + 1, corpus)})
+                       "warm": make_requests(m, clients + 2 * len(args.prompt_tokens), args.prompt_tokens,
+                                             args.max_tokens, seed + 1, corpus)})
     row = {"model": m.name, "description": m.description, "params_M": m.params_M, "levels": []}
 
     with server(m, log) as (port, model_id):
         before = metrics(port)
         for level in levels:
-            level["engine"] = engine_level(port, model_id, level["requests"], level["warm"], level["clients"])
+            level["engine"] = engine_level(port, model_id, level["requests"], level["warm"], level["clients"], log)
             e = level["engine"]
             print(f"[{m.name}] engine, {level['clients']:2} clients: {e['tok_s']:7.1f} tok/s, TTFT p50 "
-                  f"{e['ttft']['p50_ms']:.0f} ms, ITL p50 {e['itl']['p50_ms']:.0f} ms", flush=True)
+                  f"{e['ttft']['p50_ms']:.0f} ms, ITL p50 {e['itl']['p50_ms']:.0f} ms, "
+                  f"{e['compiles_while_timed']} compiles while timed", flush=True)
         after = metrics(port)
     row["server_metrics_delta"] = {k: after[k] - before.get(k, 0.0) for k in after
                                    if "prefix" in k or "preempt" in k or "generated" in k}
