@@ -92,7 +92,7 @@ class RequestParams:
         checks = [
             ("max_tokens", integer(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
             ("temperature", number(self.temperature) and self.temperature >= 0, "a number >= 0 (0 = greedy)"),
-            ("top_k", integer(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_k", integer(self.top_k) and 0 <= self.top_k < 2**31, "an integer >= 0 (0 = off)"),
             ("top_p", number(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1] (1 = off)"),
             ("min_p", number(self.min_p) and 0 <= self.min_p <= 1, "a number in [0, 1] (0 = off)"),
             ("seed", self.seed is None or integer(self.seed), "an integer"),

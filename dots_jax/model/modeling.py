@@ -9,6 +9,7 @@ boundary and the routed experts run expert-parallel in shard_map; without a mesh
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -144,13 +145,11 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
                q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, q_offset: int | jax.Array | None,
-               token_valid: jax.Array, cache: LayerStackCache | jax.Array | None, index: jax.Array | None,
-               remat: bool, pages: PageTable | None = None
-               ) -> tuple[jax.Array, LayerStackCache | jax.Array | None, RouterStats | None]:
+               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None, remat: bool
+               ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
     """Run stacked layers under one scan; `windows` holds each layer's attention window, and the cache (if any)
     is scanned along with the parameters, each layer reading and writing its own slice. With `remat` the backward
-    pass recomputes each layer from its input instead of keeping its activations. With `pages` the cache is the
-    stack's page pool (PagedKVCache's array)."""
+    pass recomputes each layer from its input instead of keeping its activations."""
     if stack is None:
         return x, cache, None
     graphdef, state = nnx.split(stack)
@@ -163,19 +162,42 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
         layer_state, window, kv = layer_in
         window = windows[0] if uniform else window
         h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, q_pos, k_pos, key_valid, window, q_offset,
-                                                        token_valid, kv, index, pages)
+                                                        token_valid, kv, index)
         return constrain(h, ACTIVATION), (kv, stats)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    if cache is None or pages is not None:
-        kv_in = cache
-    else:
-        kv_in = (cache.k, cache.v)
+    kv_in = None if cache is None else (cache.k, cache.v)
     x, (kv_out, stats) = jax.lax.scan(body, x, (state, scanned_windows, kv_in))
-    if cache is None or pages is not None:
-        return x, kv_out, stats
-    return x, LayerStackCache(*kv_out), stats
+    return x, None if cache is None else LayerStackCache(*kv_out), stats
+
+
+def _run_paged_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
+                     positions: jax.Array, token_valid: jax.Array, pool: jax.Array | None, pages: PageTable
+                     ) -> tuple[jax.Array, jax.Array | None, RouterStats | None]:
+    """_run_stack over a paged cache: the stack's pool [layers, pages, ...] is viewed as one pool of
+    layers * pages pages, in which layer i's pages are i * pages + its page table, and carried through the scan.
+    Scanning the pool as a per-layer input and output instead makes XLA write a second pool (the step's memory
+    would be twice the cache); a carried buffer is updated in place."""
+    if stack is None:
+        return x, pool, None
+    graphdef, state = nnx.split(stack)
+    layers, num_pages = pool.shape[:2]
+    uniform = len(set(windows)) == 1
+    scanned_windows = None if uniform else jnp.asarray(windows, jnp.int32)
+
+    def body(carry: tuple[jax.Array, jax.Array], layer_in: tuple) -> tuple[tuple[jax.Array, jax.Array], RouterStats]:
+        h, flat = carry
+        layer_state, window, layer = layer_in
+        window = windows[0] if uniform else window
+        layer_pages = dataclasses.replace(pages, page_indices=pages.page_indices + layer * num_pages)
+        h, flat, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, None, None, window, None,
+                                                          token_valid, flat, None, layer_pages)
+        return (constrain(h, ACTIVATION), flat), stats
+
+    flat = pool.reshape(layers * num_pages, *pool.shape[2:])
+    (x, flat), stats = jax.lax.scan(body, (x, flat), (state, scanned_windows, jnp.arange(layers, dtype=jnp.int32)))
+    return x, flat.reshape(pool.shape), stats
 
 
 class Dots1ForCausalLM(nnx.Module):
@@ -275,11 +297,10 @@ class Dots1ForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
-        # k_pos, key_valid and q_offset belong to the dense cache's contract: the page table replaces them.
-        x, dense_pages, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, None, None,
-                                       None, valid, cache.dense, None, False, pages)
-        x, moe_pages, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, None, None,
-                                         None, valid, cache.moe, None, False, pages)
+        x, dense_pages, _ = _run_paged_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, valid,
+                                             cache.dense, pages)
+        x, moe_pages, stats = _run_paged_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, valid,
+                                               cache.moe, pages)
         return self.norm(x), PagedKVCache(dense=dense_pages, moe=moe_pages), stats
 
     def head_weight(self) -> jax.Array:
