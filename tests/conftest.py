@@ -13,6 +13,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CHEAP_COMPILE}".strip()
 
+# The suite runs on two pytest-xdist workers, and both may compile for TPU (libtpu) at once: libtpu's lock file,
+# which keeps two processes off one TPU, would fail the second; there is no TPU here to share.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402

@@ -99,7 +99,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_processes(argv: list[str], timeout: float = 240) -> list[subprocess.CompletedProcess]:
+def run_two_processes(argv: list[str], timeout: float = 480) -> list[subprocess.CompletedProcess]:
     """argv run as processes 0 and 1 of one JAX job (2 CPU devices each), found through the environment alone
     (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), as a launcher would start them."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()
