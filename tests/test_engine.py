@@ -36,6 +36,9 @@ def hf_greedy(hf, prompt: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
+# One engine shape for the whole file: the engine step's compiled programs (a handful of row and token counts) are
+# shared by every test, and compiling them is most of this file's time.
+ENGINE = dict(max_batch=4, page_size=8, prefill_chunk=32)
 PROMPT_LENGTHS = [3, 17, 40, 9, 70, 1, 33, 25]
 MAX_TOKENS = [5, 12, 7, 20, 3, 9, 15, 11]
 
@@ -91,7 +94,7 @@ def test_continuous_batching_equals_transformers_greedy(tiny, greedy_case):
     transformers' generate for that prompt alone."""
     _, model = tiny
     prompts, expected = greedy_case
-    engine = Engine(model, max_batch=4, page_size=8, prefill_chunk=32)
+    engine = Engine(model, **ENGINE)
     outs = engine.generate(prompts, [RequestParams(max_tokens=m, ignore_eos=True) for m in MAX_TOKENS])
     assert [o.token_ids for o in outs] == expected
     assert [o.finish_reason for o in outs] == ["length"] * len(prompts)
@@ -104,15 +107,15 @@ def test_preemption_recomputes_the_same_tokens(tiny, greedy_case):
     output is still transformers' (greedy) and the same seeded samples as without pressure."""
     _, model = tiny
     prompts, expected = greedy_case
-    engine = Engine(model, max_batch=8, page_size=8, kv_pages=14, prefill_chunk=64)
+    engine = Engine(model, **ENGINE, kv_pages=14)
     outs = engine.generate(prompts, [RequestParams(max_tokens=m, ignore_eos=True) for m in MAX_TOKENS])
     assert [o.token_ids for o in outs] == expected
     assert engine.stats().preemptions > 0
     assert engine.stats().pages_used == 0
 
     sampled = [RequestParams(max_tokens=m, ignore_eos=True, temperature=1.0, seed=i) for i, m in enumerate(MAX_TOKENS)]
-    roomy = Engine(model, max_batch=8, page_size=8, prefill_chunk=64).generate(prompts, sampled)
-    tight = Engine(model, max_batch=8, page_size=8, kv_pages=14, prefill_chunk=64)
+    roomy = Engine(model, **ENGINE).generate(prompts, sampled)
+    tight = Engine(model, **ENGINE, kv_pages=14)
     assert [o.token_ids for o in tight.generate(prompts, sampled)] == [o.token_ids for o in roomy]
     assert tight.stats().preemptions > 0
 
@@ -122,7 +125,7 @@ def test_a_seeded_request_gives_the_same_tokens_alone_and_in_a_batch(tiny):
     rng = np.random.default_rng(2)
     prompt = rng.integers(0, 160, 12).tolist()
     params = RequestParams(max_tokens=12, temperature=0.9, top_k=40, top_p=0.95, seed=1234, ignore_eos=True)
-    engine = Engine(model, max_batch=8, page_size=8)
+    engine = Engine(model, **ENGINE)
     alone = engine.generate([prompt], params)[0].token_ids
     others = [rng.integers(0, 160, n).tolist() for n in [5, 30, 8, 19, 2, 44, 11, 7]]
     crowd = [RequestParams(max_tokens=9, temperature=1.0, seed=i, ignore_eos=True) for i in range(8)]
@@ -137,7 +140,7 @@ def test_prefix_caching_reuses_full_pages_and_keeps_the_output(tiny):
     rng = np.random.default_rng(3)
     system = rng.integers(0, 160, 40).tolist()
     first, second = system + [5, 6, 7], system + [9, 8]
-    engine = Engine(model, max_batch=2, page_size=8)
+    engine = Engine(model, **ENGINE)
     engine.generate([first], RequestParams(max_tokens=4, ignore_eos=True))
     hits = engine.stats().prefix_hit_pages
     out = engine.generate([second], RequestParams(max_tokens=6, ignore_eos=True))[0]
@@ -167,7 +170,7 @@ def test_page_pool_counts_references_and_evicts_the_least_recently_released():
 
 def test_cancel_frees_the_pages_and_sends_abort(tiny):
     _, model = tiny
-    engine = Engine(model, max_batch=2, page_size=8)
+    engine = Engine(model, **ENGINE)
     events = []
     rid = engine.add_request(list(range(1, 30)), RequestParams(max_tokens=50, ignore_eos=True), events.append)
     for _ in range(3):
@@ -220,7 +223,7 @@ def test_stop_strings_end_the_text_before_the_match_and_never_leak():
 def test_engine_step_keeps_the_cache_on_its_device(tiny):
     """The donated cache comes back with its shape and dtype (a step never silently reallocates it)."""
     _, model = tiny
-    engine = Engine(model, max_batch=2, page_size=8, kv_pages=10)
+    engine = Engine(model, **ENGINE, kv_pages=10)
     before = jax.tree.map(lambda x: (x.shape, x.dtype), engine.cache)
     engine.generate([[1, 2, 3]], RequestParams(max_tokens=3))
     assert jax.tree.map(lambda x: (x.shape, x.dtype), engine.cache) == before
