@@ -64,8 +64,8 @@ MODES = ("decode", "prefill", "train", "serve")
 # The TPU kernels, named: "auto" resolves by the host's platform, and a planner host is a CPU.
 ATTENTION_BACKEND = "splash"
 PAGED_BACKEND = "ragged"
-# Serving: the share of HBM held back from the page pool (allocator fragmentation, the runtime's own buffers,
-# the engine's prefill step, whose temporaries the planner does not compile: see serve_capacity).
+# Serving: the share of HBM held back from the page pool (allocator fragmentation, the runtime's own buffers; the
+# engine's prefill step, which the planner does not compile, needs fewer temporaries than its decode step).
 SERVE_MARGIN = 0.05
 
 

@@ -276,6 +276,9 @@ def test_serving_step_of_the_full_model_compiles_and_reports_the_pages_per_chip(
     assert {"ragged_paged_attention_kernel", "dots_gmm"} <= set(r["mosaic_kernels"]), r["mosaic_kernels"]
     m, page = r["memory_gib"], hand_page_bytes(hf, 16, 32 // 16)  # the 32 KV heads split over expert=16
     assert m["kv_cache"] * 2**30 == 64 * 256 * page  # the engine's default pool: a 4096-token sequence per row
+    # The pool is updated in place: a step that copied it (scanned as a per-layer input and output) had
+    # temporaries as large as the pool and room for half the pages.
+    assert m["temporaries"] < m["kv_cache"] / 4, m
     c = hand_counts(hf)
     # Routed experts over expert=16 x fsdp=4; every other matrix (routers too) over fsdp=4, its hidden dimension.
     assert m["weights"] * 2**30 == pytest.approx(2 * (c["routed"] / 64 + (c["rest"] + c["embed"]) / 4), rel=1e-4)
