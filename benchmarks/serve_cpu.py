@@ -566,6 +566,15 @@ def markdown_tables(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> dict:
+    """The commit measured, and the package files that differed from it (others may be editing the checkout)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted": [line[3:] for line in git("status", "--porcelain", "dots_jax").splitlines()]}
+
+
 def int_list(text: str) -> list[int]:
     values = [int(v) for v in text.split(",")]
     if not values or min(values) < 1:
@@ -601,7 +610,7 @@ def main() -> int:
                "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
                "torch": torch.__version__, "transformers": transformers.__version__,
                "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
-               "loadavg_1_5_15_start": list(os.getloadavg())}
+               "loadavg_1_5_15_start": list(os.getloadavg()), **code_version()}
     settings = {"clients": args.clients, "requests": args.requests or "max(8, 2 * clients)",
                 "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
                 "server": f"--max-batch {MAX_BATCH} --max-seq-len {MAX_SEQ_LEN} (other options default)",
