@@ -9,16 +9,21 @@ third-party error into a UserError where it catches it."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ParamSpec
 
 import jax.numpy as jnp
 
+from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
+from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from dots_jax.ops.gmm import BACKENDS
+from dots_jax.weights.hf import resolve
 
 EXIT_USER_ERROR = 2
 # The dtypes a user can name on a command line: storage (convert) and, of those, compute (sample, train).
@@ -74,3 +79,31 @@ def add_distributed(parser: argparse.ArgumentParser, main_process_does: str) -> 
                              "jax.distributed.initialize() first. Not needed where the environment says so "
                              "(JAX_COORDINATOR_ADDRESS, a multi-worker TPU slice, srun, mpirun); only process 0 "
                              f"{main_process_does}")
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    cfg: Dots1Config
+    tokenizer: Tokenizer
+    stop_token_ids: set[int]
+
+
+def open_checkpoint(model: str) -> Checkpoint:
+    """Find the checkpoint and read its config and tokenizer (cheap), before any weights are read."""
+    try:
+        directory = resolve(model)
+        cfg = Dots1Config.from_hf(directory)
+        tokenizer = Tokenizer.from_dir(directory)
+    except (ValueError, OSError) as e:  # the library's errors, the tokenizer's and huggingface_hub's (OSErrors)
+        # Most messages already name the path; hub errors do not.
+        raise UserError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}") from None
+    stops = set(cfg.eos_token_id)
+    if tokenizer.eos_token_id is not None:
+        stops.add(tokenizer.eos_token_id)
+    # transformers' generate stops at generation_config.json's eos ids: so do we.
+    generation_config = directory / "generation_config.json"
+    if generation_config.is_file():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        stops.update([eos] if isinstance(eos, int) else eos or [])
+    return Checkpoint(directory, cfg, tokenizer, stops)

@@ -179,27 +179,19 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
             "active_params_per_token": active + head, "total_params": sum(c.values())}
 
 
-def paged_head_axes(mesh_shape: dict[str, int], kv_heads: int) -> tuple[str, ...]:
-    """The mesh axes over which the "ragged" kernel splits the key/value heads, and so the page pool: the rule of
-    dots_jax.ops.ragged_paged (largest axes first, each kept while the product still divides the heads)."""
-    axes: list[str] = []
-    for axis in sorted(mesh_shape, key=lambda a: -mesh_shape[a]):
-        if mesh_shape[axis] > 1 and kv_heads % (math.prod(mesh_shape[a] for a in axes) * mesh_shape[axis]) == 0:
-            axes.append(axis)
-    return tuple(axes)
-
-
 def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: int) -> dict[str, Any]:
     """The serving page pool per chip.
 
     The pool is [layers, pages, page_size, 2 x kv_heads, head_dim] in bf16, one for the whole slice. The "ragged"
-    kernel runs per chip in shard_map with the key/value heads split over paged_head_axes and the pages and the
+    kernel runs per chip in shard_map with the key/value heads split over its head_axes and the pages and the
     rows whole, so the pool is split the same way: every chip holds every page, for its share of the heads, and the
     pool is repeated over the other axes (`pool_replicas`). A page then costs layers x page_size x 2 x
     kv_heads_per_chip x head_dim x 2 bytes on every chip, and a sequence of `seq` tokens takes ceil(seq /
     page_size) pages.
     """
-    axes = paged_head_axes(mesh_shape, cfg.num_key_value_heads)
+    from dots_jax.ops.ragged_paged import head_axes  # plan imports JAX only once its TPU settings are made
+
+    axes = head_axes(mesh_shape, cfg.num_key_value_heads)
     split = math.prod(mesh_shape[a] for a in axes)
     kv_heads = cfg.num_key_value_heads // split
     page_bytes = cfg.num_hidden_layers * page_size * 2 * kv_heads * cfg.head_dim * 2

@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jinja2
@@ -33,15 +30,13 @@ import numpy as np
 
 from dots_jax import cli
 from dots_jax.cli import DEMO_MODEL_DIR
-from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
 from dots_jax.inference.generate import GenerateOutput, generate
-from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder, Tokenizer
+from dots_jax.inference.tokenizer import DOTS1_ASSISTANT, DOTS1_SYSTEM, DOTS1_USER, StreamDecoder
 from dots_jax.model.padding import pad_for_mesh
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.sharding import PADDABLE, check_shardable, make_mesh
 from dots_jax.weights import from_pretrained  # HF directories, repo ids and converted checkpoints
-from dots_jax.weights.hf import resolve
 
 DEFAULT_MAX_NEW_TOKENS = 128
 DEMO_PROMPT = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
@@ -134,35 +129,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 # -------------------------------------------------------------------------------------------- loading
-@dataclass
-class Checkpoint:
-    directory: Path
-    cfg: Dots1Config
-    tokenizer: Tokenizer
-    stop_token_ids: set[int]
-
-
-def open_checkpoint(model: str) -> Checkpoint:
-    """Find the checkpoint and read its config and tokenizer (cheap), before any weights are read."""
-    try:
-        directory = resolve(model)
-        cfg = Dots1Config.from_hf(directory)
-        tokenizer = Tokenizer.from_dir(directory)
-    except (ValueError, OSError) as e:  # the library's errors, the tokenizer's and huggingface_hub's (OSErrors)
-        # Most messages already name the path; hub errors do not.
-        raise UserError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}") from None
-    stops = set(cfg.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-        stops.add(tokenizer.eos_token_id)
-    # transformers' generate stops at generation_config.json's eos ids: so do we.
-    generation_config = directory / "generation_config.json"
-    if generation_config.is_file():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        stops.update([eos] if isinstance(eos, int) else eos or [])
-    return Checkpoint(directory, cfg, tokenizer, stops)
-
-
-def check_chat(checkpoint: Checkpoint, model: str) -> None:
+def check_chat(checkpoint: cli.Checkpoint, model: str) -> None:
     """--chat needs a chat template, or a tokenizer that knows the dots1 chat markers (the built-in format):
     otherwise the markers would be encoded as plain text and the model would continue garbage."""
     tokenizer = checkpoint.tokenizer
@@ -178,7 +145,7 @@ def show_prompt(prompt: str, chat: bool) -> None:
     print(f"{DIM}{text}{RESET}" if sys.stdout.isatty() else text, end="", flush=True)
 
 
-def encode_prompts(prompts: Sequence[str], checkpoint: Checkpoint, args: argparse.Namespace,
+def encode_prompts(prompts: Sequence[str], checkpoint: cli.Checkpoint, args: argparse.Namespace,
                    max_new_tokens: int) -> list[list[int]]:
     tokenizer, context = checkpoint.tokenizer, checkpoint.cfg.max_position_embeddings
     batch = []
@@ -244,7 +211,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 
 def run_model(args: argparse.Namespace, demo: bool = False) -> int:
     # The model first: a wrong --model is the problem to report, whatever else is missing.
-    checkpoint = open_checkpoint(args.model)
+    checkpoint = cli.open_checkpoint(args.model)
     if args.mesh is not None:
         try:
             check_shardable(checkpoint.cfg, args.mesh)

@@ -19,29 +19,24 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import socket
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import uvicorn
 
 from dots_jax import cli
 from dots_jax.cli import DEMO_MODEL_DIR
-from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
 from dots_jax.inference.engine import Engine
 from dots_jax.inference.server import DEFAULT_MAX_BODY_BYTES, create_app
-from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.model.padding import pad_for_mesh
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
 from dots_jax.parallel.sharding import check_shardable, make_mesh
 from dots_jax.weights import from_pretrained
-from dots_jax.weights.hf import resolve
 
 API_KEY_ENV = "DOTS_JAX_API_KEY"
 DEMO_NAME = "dots1-demo"
@@ -111,25 +106,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--api-key is empty: give a key, or leave the option out to serve without one")
 
 
-def open_checkpoint(model: str) -> tuple[Path, Dots1Config, Tokenizer, list[int]]:
-    """The checkpoint's directory, config, tokenizer and extra end-of-sequence ids (the tokenizer's and
-    generation_config.json's, where transformers' generate stops too), before any weights are read."""
-    try:
-        directory = resolve(model)
-        cfg = Dots1Config.from_hf(directory)
-        tokenizer = Tokenizer.from_dir(directory)
-    except (ValueError, OSError) as e:  # the library's errors, the tokenizer's and huggingface_hub's (OSErrors)
-        raise UserError(f"--model: {e}" if model in str(e) else f"--model {model}: {e}") from None
-    stops = set(cfg.eos_token_id)
-    if tokenizer.eos_token_id is not None:
-        stops.add(tokenizer.eos_token_id)
-    generation_config = directory / "generation_config.json"
-    if generation_config.is_file():
-        eos = json.loads(generation_config.read_text()).get("eos_token_id")
-        stops.update([eos] if isinstance(eos, int) else eos or [])
-    return directory, cfg, tokenizer, sorted(stops)
-
-
 def check_port(host: str, port: int) -> None:
     """Fail in a second, not after loading the model, when the address is taken (uvicorn binds it again later)."""
     try:
@@ -165,7 +141,9 @@ def _main(argv: Sequence[str] | None) -> int:
     log.setLevel(logging.INFO)
     log.propagate = False  # absl (through orbax) may have put a handler on the root logger
 
-    directory, cfg, tokenizer, stop_token_ids = open_checkpoint(model_arg)
+    checkpoint = cli.open_checkpoint(model_arg)
+    directory, cfg, tokenizer = checkpoint.directory, checkpoint.cfg, checkpoint.tokenizer
+    stop_token_ids = sorted(checkpoint.stop_token_ids)
     if args.mesh is not None:
         try:
             check_shardable(cfg, args.mesh)

@@ -346,17 +346,18 @@ def test_round_trip_is_identical_in_tensors_not_in_files(converted_demo, tmp_pat
 def readme_commands() -> list[str]:
     readme = (REPO / "README.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", readme, re.S)
-    lines = [line for block in blocks for line in block.splitlines()]
+    lines = [line for block in blocks for line in re.sub(r"\\[ \t]*(#[^\n]*)?\n\s*", " ", block).splitlines()]
     return [line.split("  #")[0].split(" # ")[0].strip() for line in lines if line.startswith("python -m ")]
 
 
 def test_every_readme_command_line_is_accepted_by_its_parser():
-    """Each README `python -m` line of the converter, sample and train parses (the converter block and the
+    """Each README `python -m` line of the converter, sample, train and serve parses (lines continued with a
+    backslash joined) (the converter block and the
     default sample also run as written above; train's lines are the tests' runs at README scale)."""
-    from dots_jax import sample
+    from dots_jax import sample, serve
 
     parse = {"convert.hf_to_jax": hf_to_jax.parse_args, "dots_jax.sample": sample.build_parser().parse_args,
-             "dots_jax.train": train.build_parser().parse_args}
+             "dots_jax.train": train.build_parser().parse_args, "dots_jax.serve": serve.build_parser().parse_args}
     checked = []
     for command in readme_commands():
         module, *argv = shlex.split(command.split("&&")[0])[2:]

@@ -260,3 +260,40 @@ def test_generated_tokens_lie_in_the_set_allowed_by_reference_logits(tiny, param
             assert keep[token], (params, j, token, np.flatnonzero(keep))
     assert checked >= 0.8 * len(prompts) * NEW
     assert sizes < 0.1 * ours.cfg.vocab_size * checked  # the sets are small, so a wrong token would be noticed
+
+
+def test_per_row_settings_filter_each_row_by_its_own():
+    """The serving engine's batches mix requests: settings given per row ([B] arrays) keep exactly the oracle's
+    set for each row's own settings."""
+    rows = _logit_rows(seed=1)
+    rng = np.random.default_rng(5)
+    settings = [(float(rng.choice([0.0, 0.7, 1.3])), int(rng.choice([0, 1, 3, 8])), float(rng.choice([1.0, 0.3, 0.9])),
+                 float(rng.choice([0.0, 0.05, 0.5]))) for _ in rows]
+    columns = [jnp.asarray(c, dtype) for c, dtype in zip(zip(*settings, strict=True),
+                                                         (jnp.float32, jnp.int32, jnp.float32, jnp.float32),
+                                                         strict=True)]
+    kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(rows), *columns)))
+    checked = 0
+    for i, (row, params) in enumerate(zip(rows, settings, strict=True)):
+        keep, margin = allowed(row, *params)
+        if margin >= 2e-5:
+            checked += 1
+            np.testing.assert_array_equal(kept[i], keep, err_msg=f"{params} row {i}")
+    assert checked >= 0.9 * len(rows)
+
+
+def test_per_row_keys_make_each_row_independent_of_the_batch():
+    """With one key per row, a row's token depends on its key, logits and settings only: drawn alone or among
+    other rows with other settings, it is the same token."""
+    rows = jnp.asarray(_logit_rows(seed=2))
+    b = rows.shape[0]
+    keys = jax.vmap(jax.random.key)(jnp.arange(b, dtype=jnp.uint32))
+    temperature = jnp.where(jnp.arange(b) % 3 == 0, 0.0, 1.0).astype(jnp.float32)
+    top_k = jnp.where(jnp.arange(b) % 2 == 0, 0, 5).astype(jnp.int32)
+    top_p, min_p = jnp.full(b, 0.9, jnp.float32), jnp.zeros(b, jnp.float32)
+    together = np.asarray(sample_tokens(rows, keys, temperature, top_k, top_p, min_p))
+    for i in range(b):
+        alone = sample_tokens(rows[i:i + 1], keys[i:i + 1], temperature[i:i + 1], top_k[i:i + 1], top_p[i:i + 1],
+                              min_p[i:i + 1])
+        assert int(alone[0]) == together[i], i
+    assert (together[::3] == np.asarray(jnp.argmax(rows[::3], axis=-1))).all()  # temperature 0: greedy

@@ -49,6 +49,7 @@ from dots_jax.inference.tokenizer import StreamDecoder, Tokenizer
 from dots_jax.model.cache import PagedKVCache, PageTable
 from dots_jax.model.modeling import Dots1ForCausalLM
 from dots_jax.ops.paged_attention import default_paged_backend
+from dots_jax.ops.ragged_paged import head_axes
 from dots_jax.parallel.cpu_tuning import tune_allocator
 from dots_jax.parallel.sharding import check_shardable, constrain, make_mesh, shard_state
 
@@ -158,18 +159,8 @@ class RowSampling:
 
 
 def _sample_rows(logits: jax.Array, s: RowSampling) -> jax.Array:
-    def one(logits, seed, count, temperature, top_k, top_p, min_p):
-        key = jax.random.fold_in(jax.random.key(seed), count)
-        return sample_tokens(logits[None], key, temperature, top_k, top_p, min_p)[0]
-
-    def sample(logits):
-        return jax.vmap(one)(logits, s.seed, s.count, s.temperature, s.top_k, s.top_p, s.min_p)
-
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    # Under vmap every row would compute the filters; an all-greedy batch skips them.
-    return jax.lax.cond(jnp.any(s.temperature > 0), sample, greedy, logits)
+    keys = jax.vmap(lambda seed, count: jax.random.fold_in(jax.random.key(seed), count))(s.seed, s.count)
+    return sample_tokens(logits, keys, s.temperature, s.top_k, s.top_p, s.min_p)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
@@ -309,7 +300,9 @@ class Engine:
         if mesh is not None:
             check_shardable(cfg, mesh)
             self.state = shard_state(self.state, mesh)
-            cache = jax.device_put(cache, NamedSharding(mesh, P()))
+            # The pool split as the "ragged" kernel splits the heads (whole pages and rows on every device).
+            heads = head_axes(dict(mesh.shape), cfg.num_key_value_heads) or None
+            cache = jax.device_put(cache, NamedSharding(mesh, P(None, None, None, heads, None)))
         self.cache = cache
         self.pool = PagePool(num_pages)
 

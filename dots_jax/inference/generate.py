@@ -56,25 +56,34 @@ class SamplingParams:
                 jnp.float32(self.min_p))
 
 
+def _rows(x: jax.Array) -> jax.Array:
+    """A setting as a column: a scalar applies to every row, a [B] array row by row."""
+    return jnp.reshape(x, (-1, 1))
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   min_p: jax.Array) -> jax.Array:
     """Temperature, then top-k, top-p and min-p (the order transformers applies them); removed tokens get -inf.
+    Each setting is a scalar for every row or a [B] array, one per row (the serving engine's mixed batches).
 
     top-k keeps tokens whose logit is >= the k-th largest (ties kept); top-p keeps the smallest prefix of the
     descending-probability order whose mass reaches top_p (the first token always); min-p keeps tokens with
-    probability >= min_p * the largest probability.
+    probability >= min_p * the largest probability. A row whose filters are off is left exactly as it was.
     """
+    temperature, min_p = _rows(temperature), _rows(min_p)
     logits = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
     # Sorting the vocabulary is the costly part on CPU (milliseconds per row): only when a filter needs it.
-    logits = jax.lax.cond((top_k > 0) | (top_p < 1.0), _top_k_top_p, lambda x, k, p: x, logits, top_k, top_p)
+    logits = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)), _top_k_top_p, lambda x, k, p: x, logits,
+                          _rows(top_k), _rows(top_p))
     probs = jax.nn.softmax(logits, axis=-1)
     return jnp.where((min_p > 0) & (probs < min_p * probs.max(axis=-1, keepdims=True)), -jnp.inf, logits)
 
 
 def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    vocab = logits.shape[-1]
+    """top_k, top_p: [1 or B, 1] columns."""
+    b, vocab = logits.shape
     sorted_desc = -jnp.sort(-logits, axis=-1)  # one sort serves both filters
-    kth = jnp.take(sorted_desc, jnp.clip(top_k - 1, 0, vocab - 1), axis=-1)[:, None]
+    kth = jnp.take_along_axis(sorted_desc, jnp.broadcast_to(jnp.clip(top_k - 1, 0, vocab - 1), (b, 1)), axis=-1)
     kth = jnp.where(top_k > 0, kth, -jnp.inf)
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     sorted_desc = jnp.where(sorted_desc < kth, -jnp.inf, sorted_desc)  # top-k kept a prefix: still sorted
@@ -89,14 +98,21 @@ def _top_k_top_p(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.A
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   min_p: jax.Array) -> jax.Array:
-    """[B, V] logits -> [B] int32 tokens; greedy where temperature == 0 (then no filter is computed)."""
+    """[B, V] logits -> [B] int32 tokens; greedy where temperature == 0 (no filter is computed when every row is).
+    `key`: one key for the batch, or [B] keys, one per row (row b's draw then depends on its key alone). The
+    settings are scalars or [B] arrays, as filter_logits takes them."""
     def sample(logits: jax.Array) -> jax.Array:
-        return jax.random.categorical(key, filter_logits(logits, temperature, top_k, top_p, min_p), axis=-1)
+        filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
+        if key.ndim == 0:
+            drawn = jax.random.categorical(key, filtered, axis=-1)
+        else:
+            drawn = jax.vmap(jax.random.categorical)(key, filtered)
+        return jnp.where(_rows(temperature)[:, 0] > 0, drawn, jnp.argmax(logits, axis=-1))
 
     def greedy(logits: jax.Array) -> jax.Array:
         return jnp.argmax(logits, axis=-1)
 
-    return jax.lax.cond(temperature > 0, sample, greedy, logits).astype(jnp.int32)
+    return jax.lax.cond(jnp.any(temperature > 0), sample, greedy, logits).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -64,19 +64,24 @@ def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.
                        q_lens.astype(jnp.int32))
 
 
+def head_axes(mesh_shape: Mapping[str, int], kv_heads: int) -> tuple[str, ...]:
+    """The mesh axes over which the kernel splits the key/value heads, and so how the page pool is best split:
+    the largest axes first (the more ways the heads split, the less work each device repeats), each kept while the
+    product still divides the heads."""
+    axes: list[str] = []
+    for axis in sorted(mesh_shape, key=lambda a: -mesh_shape[a]):
+        if mesh_shape[axis] > 1 and kv_heads % (math.prod(mesh_shape[a] for a in axes) * mesh_shape[axis]) == 0:
+            axes.append(axis)
+    return tuple(axes)
+
+
 def _per_device(fn: Callable[..., jax.Array], q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array,
                 kv_lens: jax.Array, q_lens: jax.Array) -> jax.Array:
     """fn(q, kv_pages, page_indices, kv_lens, q_lens), in shard_map under a multi-device mesh (heads split)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return fn(q, kv_pages, page_indices, kv_lens, q_lens)
-    kv = kv_pages.shape[2] // 2
-    heads: list[str] = []
-    # The largest axes first: the more ways the heads split, the less work each device repeats.
-    for axis in sorted(mesh.axis_names, key=lambda a: -mesh.shape[a]):
-        size = math.prod(mesh.shape[a] for a in heads) * mesh.shape[axis]
-        if mesh.shape[axis] > 1 and kv % size == 0:
-            heads.append(axis)
+    heads = head_axes(dict(mesh.shape), kv_pages.shape[2] // 2)
     # Contiguous chunks of the combined heads (k0, v0, k1, v1, ...) are whole key/value heads, the ones the same
     # chunk of query heads reads (query head n reads key/value head n // (N // KV)).
     spec = P(None, None, tuple(heads) or None, None)
