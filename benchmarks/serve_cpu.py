@@ -11,8 +11,9 @@ config of generate_cpu.py with random weights, saved as an HF directory with a 3
   chunks, as vLLM's benchmark reports them, a chunk of k tokens counting as k gaps), output tokens/s = completion
   tokens / wall time of the level. Requests are greedy (temperature 0) with ignore_eos (the server takes vLLM's
   extension), so every request returns exactly its max_tokens tokens whatever the weights say; return_token_ids
-  gives the server's token ids. Before each level, an untimed pass of the same mix (clients + 2 x prompt lengths
-  requests) compiles the prefill shapes it meets; shapes compiled while timed are counted in the results.
+  gives the server's token ids. Before each level, an untimed pass of the same prompts mix (clients + 2 x prompt
+  lengths requests, at most 8 tokens each) compiles the prefill shapes it meets; shapes compiled while timed are
+  counted in the results.
 - static: dots_jax.generate() on the same requests in batches of N (every row runs to the batch's longest
   max_tokens; only each request's own max_tokens count as output), stop tokens off.
 - transformers: Dots1ForCausalLM.generate on the same batches (left padding, do_sample=False, sdpa attention,
@@ -478,7 +479,7 @@ def bench_model(m: Model, args, bandwidth: float, log: Path) -> dict:
         levels.append({"clients": clients,
                        "requests": make_requests(m, count, args.prompt_tokens, args.max_tokens, seed, corpus),
                        "warm": make_requests(m, clients + 2 * len(args.prompt_tokens), args.prompt_tokens,
-                                             args.max_tokens, seed + 1, corpus)})
+                                             [min(8, t) for t in args.max_tokens], seed + 1, corpus)})
     row = {"model": m.name, "description": m.description, "params_M": m.params_M, "levels": []}
 
     with server(m, log) as (port, model_id):
