@@ -2,6 +2,7 @@
 
 - docs/throughput_cpu.png: dots_jax against transformers, from the benchmark results JSON files
   (benchmarks/generate_cpu.py and benchmarks/train_cpu.py write them; rerun those to refresh the figures).
+- docs/serve_cpu.png: serving throughput and latency against offered load, from benchmarks/serve_cpu.py's JSON.
 - docs/demo_expert_load.png: the embedded demo model's expert load per MoE layer on its held-out text.
 (docs/demo_loss_curve.png is the training CLI's own loss_curve.png of the demo model's run.)
 """
@@ -61,6 +62,39 @@ def throughput_plot() -> None:
     save(fig, "throughput_cpu.png")
 
 
+def serve_plot() -> None:
+    """Throughput against offered load (engine behind the server, static generate(), transformers), and the
+    engine's time to first token and inter-token latency, per model."""
+    serve = json.loads((RESULTS / "serve_cpu.json").read_text())
+    rows = serve["results"]
+    fig, axes = plt.subplots(2, len(rows), figsize=(4.6 * len(rows), 6.4), squeeze=False)
+    for col, row in enumerate(rows):
+        clients = [r["clients"] for r in row["levels"]]
+        top, bottom = axes[0][col], axes[1][col]
+        for key, label, style in (("engine", "engine (server)", "o-"), ("static", "static generate()", "s--"),
+                                  ("transformers", "transformers generate", "^:")):
+            top.plot(clients, [r[key]["tok_s"] for r in row["levels"]], style, label=label)
+        top.set_title(f"{row['model']} ({row['params_M']:.0f}M): output tokens/s", fontsize=9)
+        for key, label, style in (("ttft", "time to first token", "o-"), ("itl", "inter-token latency", "s-")):
+            for q, alpha in (("p50", 1.0), ("p99", 0.45)):
+                bottom.plot(clients, [r["engine"][key][f"{q}_ms"] for r in row["levels"]], style, alpha=alpha,
+                            label=f"{label} {q}", color="tab:blue" if key == "ttft" else "tab:orange")
+        bottom.set_yscale("log")
+        bottom.set_title("engine latency, ms (client-side, streamed)", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(clients, [str(c) for c in clients])
+            ax.set_xlabel("concurrent clients")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    machine = serve["machine"]
+    load = f"{machine['loadavg_1_5_15_start'][0]:.1f}-{machine['loadavg_1_5_15_end'][0]:.1f}"
+    fig.suptitle(f"Serving on CPU, f32 ({machine['cpus']}-core {machine['processor']}, load average {load}; "
+                 "benchmarks/serve_cpu.py)", fontsize=9)
+    fig.tight_layout()
+    save(fig, "serve_cpu.png")
+
+
 def expert_load_plot() -> None:
     import jax.numpy as jnp
 
@@ -89,4 +123,5 @@ def expert_load_plot() -> None:
 
 if __name__ == "__main__":
     throughput_plot()
+    serve_plot()
     expert_load_plot()
