@@ -54,6 +54,16 @@ DECODE_TOKENS = 32
 MAX_POSITIONS = 8192  # room for the longest prefill row
 
 
+def machine_facts(bandwidth: float) -> dict:
+    """What a results file records of the machine and the software, and the load average as the run starts
+    (other processes slow every side of a comparison alike only roughly)."""
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
+            "loadavg_1_5_15_start": list(os.getloadavg())}
+
+
 def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Bytes/s of a large memory copy (read + write counted), the best of a few runs."""
     src = np.ones(nbytes // 8, np.float64)
@@ -150,12 +160,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     bandwidth = copy_bandwidth()
-    # Other processes on the machine slow both sides alike only roughly: the load average says how busy it was.
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
-               "device": str(jax.devices()[0]), "loadavg_1_5_15_start": list(os.getloadavg())}
+    machine = {**machine_facts(bandwidth), "device": str(jax.devices()[0])}
     prefill_tokens = [int(n) for n in args.prefill_tokens.split(",")]
     if max(prefill_tokens) + 1 > MAX_POSITIONS:
         parser.error(f"--prefill-tokens: at most {MAX_POSITIONS - 1}")

@@ -49,7 +49,6 @@ import http.client
 import itertools
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -62,7 +61,6 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import tokenizers  # noqa: E402
@@ -73,7 +71,7 @@ import transformers  # noqa: E402
 # process): a benchmark must measure the optimised build users run.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from generate_cpu import CONFIGS, copy_bandwidth  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
+from generate_cpu import CONFIGS, copy_bandwidth, machine_facts  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 from oracle import hf_config, hf_model, save  # noqa: E402
 from results_io import write_results  # noqa: E402
 
@@ -606,12 +604,7 @@ def main() -> int:
         parser.error(f"--prompt-tokens + --max-tokens: at most {MAX_SEQ_LEN - 8} together")
     torch.set_num_threads(os.cpu_count() or 1)
     bandwidth = copy_bandwidth()
-    # Other processes on the machine slow every side alike only roughly: the load average says how busy it was.
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "jax": jax.__version__,
-               "torch": torch.__version__, "transformers": transformers.__version__,
-               "xla_flags": os.environ.get("XLA_FLAGS", ""), "copy_bandwidth_GB_s": bandwidth / 1e9,
-               "loadavg_1_5_15_start": list(os.getloadavg()), **code_version()}
+    machine = {**machine_facts(bandwidth), **code_version()}
     settings = {"clients": args.clients, "requests": args.requests or "max(8, 2 * clients)",
                 "max_tokens": args.max_tokens, "prompt_tokens": args.prompt_tokens,
                 "server": f"--max-batch {MAX_BATCH} --max-seq-len {MAX_SEQ_LEN} (other options default)",
