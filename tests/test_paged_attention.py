@@ -102,3 +102,24 @@ def test_write_kv_puts_new_tokens_at_their_page_and_offset() -> None:
             expected[table[b, t // PAGE], t % PAGE, 1::2] = v[b, j]
     out = np.asarray(jax.jit(write_kv)(pool, k, v, table, kv_lens, q_lens))
     np.testing.assert_array_equal(out, expected)  # every other slot of the pool unchanged
+
+
+@pytest.mark.parametrize("backend", ["reference", "ragged"])
+def test_a_layer_of_a_stacks_pool(backend: str) -> None:
+    """The model's form: the whole [layers, pages, ...] pool and a traced layer number. Writes land in that layer's
+    pages only and attention reads that layer's, as if it were a pool of its own."""
+    rng = np.random.default_rng(2)
+    q_lens, kv_lens, s = MIXED[0], MIXED[1], 6
+    q, pool, table, kv_lens, q_lens = make_step(rng, q_lens, kv_lens, s)
+    stack = rng.standard_normal((3, *pool.shape)).astype(np.float32)
+    k, v = (rng.standard_normal((len(q_lens), s, KV, D)).astype(np.float32) for _ in range(2))
+
+    @jax.jit
+    def step(stack, layer, q, k, v, table, kv_lens, q_lens):
+        stack = write_kv(stack, k, v, table, kv_lens, q_lens, layer=layer)
+        return stack, paged_attention(q, stack, table, kv_lens, q_lens, backend=backend, layer=layer)
+
+    new_stack, out = (np.asarray(x) for x in step(stack, np.int32(1), q, k, v, table, kv_lens, q_lens))
+    np.testing.assert_array_equal(new_stack[[0, 2]], stack[[0, 2]])
+    np.testing.assert_array_equal(new_stack[1], np.asarray(jax.jit(write_kv)(stack[1], k, v, table, kv_lens, q_lens)))
+    np.testing.assert_allclose(out, oracle(q, new_stack[1], table, kv_lens, q_lens, NO_WINDOW), rtol=0, atol=1e-5)

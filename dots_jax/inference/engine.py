@@ -468,9 +468,11 @@ class Engine:
         chunk sizes and the (not yet fetched) sampled tokens."""
         rows = _pow2(len(chunks))
         max_pages = max(-(-(s.computed + n) // self.page_size) for s, n in chunks)
-        # Page-table widths are powers of two from 64 pages: few compiled shapes, and the reference backend, which
-        # gathers a row's table, does not copy a long context's table for a short sequence.
-        cols = min(max(_pow2(max_pages), 64), _pow2(self.pages_per_seq))
+        # The reference backend gathers every page of a row's table, so its tables are as wide as this call needs,
+        # in powers of two (a compile per width, a gather at most twice the pages). The kernel reads only a row's
+        # pages: one full width, one compile.
+        full = _pow2(self.pages_per_seq)
+        cols = full if self.backend == "ragged" else min(max(_pow2(max_pages), 4), full)
         tokens = np.zeros((rows, width), np.int32)
         table = np.zeros((rows, cols), np.int32)
         kv_lens = np.zeros(rows, np.int32)

@@ -62,17 +62,17 @@ class Attention(nnx.Module):
                  pages: PageTable | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | jax.Array | None]:
         """x [B, S, H]; q_pos [B, S]; k_pos, key_valid [B, T]; window and q_offset as dots_jax.ops.attention
         has them. Without a cache T = S; with one, this layer's cache kv ([B, T, KV, D] each) gets the new
-        keys/values written at slot `index` and is returned. With `pages`, kv is this layer's page pool
-        (dots_jax.model.cache.PagedKVCache) and attention is dots_jax.ops.paged_attention's (k_pos, key_valid
-        and q_offset unused)."""
+        keys/values written at slot `index` and is returned. With `pages`, kv is the layer stack's page pool
+        (dots_jax.model.cache.PagedKVCache), index this layer's number in it, and attention is
+        dots_jax.ops.paged_attention's (k_pos, key_valid and q_offset unused)."""
         dtype = x.dtype
         q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
         k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
         if pages is not None:
-            kv = write_kv(kv, k, v, pages.page_indices, pages.kv_lens, pages.q_lens)
+            kv = write_kv(kv, k, v, pages.page_indices, pages.kv_lens, pages.q_lens, layer=index)
             out = paged_attention(q, kv, pages.page_indices, pages.kv_lens, pages.q_lens,
-                                  window=window, backend=pages.backend)
+                                  window=window, backend=pages.backend, layer=index)
             return self._output(out), kv
         if kv is not None:
             start = (0, index, 0, 0)

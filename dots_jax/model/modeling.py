@@ -9,7 +9,6 @@ boundary and the routed experts run expert-parallel in shard_map; without a mesh
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 
 import jax
@@ -175,29 +174,27 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
 def _run_paged_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
                      positions: jax.Array, token_valid: jax.Array, pool: jax.Array | None, pages: PageTable
                      ) -> tuple[jax.Array, jax.Array | None, RouterStats | None]:
-    """_run_stack over a paged cache: the stack's pool [layers, pages, ...] is viewed as one pool of
-    layers * pages pages, in which layer i's pages are i * pages + its page table, and carried through the scan.
-    Scanning the pool as a per-layer input and output instead makes XLA write a second pool (the step's memory
-    would be twice the cache); a carried buffer is updated in place."""
+    """_run_stack over a paged cache: the stack's whole pool [layers, pages, ...] is carried through the scan and
+    each layer writes and reads its own pages in it by its layer number. A carried buffer is updated in place;
+    scanning the pool as a per-layer input and output instead makes XLA write a second pool, and any reshape or
+    slice of the carry made XLA:CPU copy it every step (a step's time then grows with the pool)."""
     if stack is None:
         return x, pool, None
     graphdef, state = nnx.split(stack)
-    layers, num_pages = pool.shape[:2]
+    layers = pool.shape[0]
     uniform = len(set(windows)) == 1
     scanned_windows = None if uniform else jnp.asarray(windows, jnp.int32)
 
     def body(carry: tuple[jax.Array, jax.Array], layer_in: tuple) -> tuple[tuple[jax.Array, jax.Array], RouterStats]:
-        h, flat = carry
+        h, pool = carry
         layer_state, window, layer = layer_in
         window = windows[0] if uniform else window
-        layer_pages = dataclasses.replace(pages, page_indices=pages.page_indices + layer * num_pages)
-        h, flat, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, None, None, window, None,
-                                                          token_valid, flat, None, layer_pages)
-        return (constrain(h, ACTIVATION), flat), stats
+        h, pool, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, None, None, window, None,
+                                                          token_valid, pool, layer, pages)
+        return (constrain(h, ACTIVATION), pool), stats
 
-    flat = pool.reshape(layers * num_pages, *pool.shape[2:])
-    (x, flat), stats = jax.lax.scan(body, (x, flat), (state, scanned_windows, jnp.arange(layers, dtype=jnp.int32)))
-    return x, flat.reshape(pool.shape), stats
+    (x, pool), stats = jax.lax.scan(body, (x, pool), (state, scanned_windows, jnp.arange(layers, dtype=jnp.int32)))
+    return x, pool, stats
 
 
 class Dots1ForCausalLM(nnx.Module):

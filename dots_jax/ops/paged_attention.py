@@ -1,7 +1,12 @@
 """Attention over a paged KV cache (the serving engine's), and the write of new keys and values into its pages.
 
     paged_attention(q [B, S, N, D], kv_pages [P, page, 2 * KV, D], page_indices [B, M], kv_lens [B], q_lens [B],
-                    *, window, backend) -> [B, S, N, D] in q.dtype
+                    *, window, backend, layer=None) -> [B, S, N, D] in q.dtype
+
+kv_pages may also be a layer stack's whole pool [L, P, page, 2 * KV, D], with `layer` (an int or a traced scalar)
+naming the layer whose pages the table indexes; write_kv takes the same. The model scans its layers carrying the
+stack's pool this way: every layer writes and reads its own pages in the one buffer, which XLA updates in place
+(a per-layer slice of the pool, taken and put back, is a copy of it).
 
 A step has B rows (sequences) of S query slots. Row b's q_lens[b] new tokens sit at the start of its row
 (right-padded), at positions kv_lens[b] - q_lens[b] + j; by the time attention runs, write_kv has put their keys and
@@ -33,7 +38,7 @@ from dots_jax.ops.ragged_paged import ragged_paged_attention
 __all__ = ["PAGED_BACKENDS", "default_paged_backend", "paged_attention", "reference_paged_attention",
            "slot_positions", "write_kv"]
 
-PagedBackend = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, int], jax.Array]
+PagedBackend = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, int, jax.Array | None], jax.Array]
 
 
 def slot_positions(kv_lens: jax.Array, q_lens: jax.Array, s: int) -> jax.Array:
@@ -47,9 +52,10 @@ def interleave_kv(k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
-             q_lens: jax.Array) -> jax.Array:
-    """Scatter the step's new keys and values (k, v [B, S, KV, D]) into their pages; padding slots are dropped."""
-    num_pages, page = kv_pages.shape[:2]
+             q_lens: jax.Array, layer: int | jax.Array | None = None) -> jax.Array:
+    """Scatter the step's new keys and values (k, v [B, S, KV, D]) into their pages (of `layer`, for a stack's
+    pool); padding slots are dropped."""
+    num_pages, page = kv_pages.shape[-4:-2]
     b, s = k.shape[:2]
     pos = slot_positions(kv_lens, q_lens, s)
     real = jnp.arange(s)[None, :] < q_lens[:, None]
@@ -57,15 +63,17 @@ def write_kv(kv_pages: jax.Array, k: jax.Array, v: jax.Array, page_indices: jax.
     pages = jnp.take_along_axis(page_indices, which, axis=1)
     pages = jnp.where(real, pages, num_pages)  # out of range: mode="drop" skips the write
     new = interleave_kv(k, v).astype(kv_pages.dtype)
-    return kv_pages.at[pages, pos % page].set(new, mode="drop")
+    where = (pages, pos % page) if layer is None else (layer, pages, pos % page)
+    return kv_pages.at[where].set(new, mode="drop")
 
 
 def reference_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
-                              q_lens: jax.Array, window: int) -> jax.Array:
+                              q_lens: jax.Array, window: int, layer: int | jax.Array | None = None) -> jax.Array:
     """The "reference" backend: each row's pages gathered into a dense cache, then the dense attention contract."""
     b, s = q.shape[:2]
-    page, combined, d = kv_pages.shape[1:]
-    rows = kv_pages[page_indices].reshape(b, -1, combined, d)  # [B, M * page, 2 * KV, D]
+    combined, d = kv_pages.shape[-2:]
+    rows = kv_pages[page_indices] if layer is None else kv_pages[layer, page_indices]
+    rows = rows.reshape(b, -1, combined, d)  # [B, M * page, 2 * KV, D]
     k, v = rows[:, :, 0::2].astype(q.dtype), rows[:, :, 1::2].astype(q.dtype)
     k_pos = jnp.broadcast_to(jnp.arange(rows.shape[1], dtype=jnp.int32), (b, rows.shape[1]))
     out = attention(q, k, v, slot_positions(kv_lens, q_lens, s), k_pos, k_pos < kv_lens[:, None], window=window)
@@ -82,12 +90,15 @@ def default_paged_backend() -> str:
 
 
 def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
-                    q_lens: jax.Array, *, window: int = NO_WINDOW, backend: str = "auto") -> jax.Array:
+                    q_lens: jax.Array, *, window: int = NO_WINDOW, backend: str = "auto",
+                    layer: int | jax.Array | None = None) -> jax.Array:
     """Attention of the step's queries over the paged cache (see the module docstring for the contract)."""
     b, s, n, d = q.shape
-    if kv_pages.ndim != 4 or kv_pages.shape[3] != d or kv_pages.shape[2] % 2 or n % (kv_pages.shape[2] // 2):
+    ndim = 4 if layer is None else 5
+    if kv_pages.ndim != ndim or kv_pages.shape[-1] != d or kv_pages.shape[-2] % 2 or n % (kv_pages.shape[-2] // 2):
         raise ValueError(f"paged attention shapes: q {q.shape}, kv_pages {kv_pages.shape} (want q [B, S, N, D], "
-                         "kv_pages [pages, page_size, 2 * KV, D] with N a multiple of KV)")
+                         "kv_pages [pages, page_size, 2 * KV, D] with N a multiple of KV, or [layers, pages, ...] "
+                         "with a layer)")
     if page_indices.ndim != 2 or page_indices.shape[0] != b or kv_lens.shape != (b,) or q_lens.shape != (b,):
         raise ValueError(f"paged attention tables: page_indices {page_indices.shape} (want [{b}, M]), kv_lens "
                          f"{kv_lens.shape} and q_lens {q_lens.shape} (want [{b}])")
@@ -96,7 +107,7 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, 
     if backend not in PAGED_BACKENDS:
         raise ValueError(f"unknown paged attention backend {backend!r}; known: {sorted(PAGED_BACKENDS)} (or 'auto')")
     return PAGED_BACKENDS[backend](q, kv_pages, page_indices.astype(jnp.int32), kv_lens.astype(jnp.int32),
-                                   q_lens.astype(jnp.int32), window)
+                                   q_lens.astype(jnp.int32), window, layer)
 
 
 PAGED_BACKENDS: dict[str, PagedBackend] = {"reference": reference_paged_attention, "ragged": ragged_paged_attention}

@@ -43,10 +43,15 @@ LANES = 128  # the kernel's head dim must be a multiple of the TPU's lane width
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
-                           q_lens: jax.Array, window: int | jax.Array) -> jax.Array:
+                           q_lens: jax.Array, window: int | jax.Array, layer: int | jax.Array | None = None
+                           ) -> jax.Array:
     """The "ragged" backend (see the module docstring). `window` must be a Python int: the kernel's mask is
-    static."""
+    static. A stack's pool [L, P, ...] with `layer` is read as one pool of L * P pages (a view, not a copy), in
+    which the layer's pages are layer * P + its table's."""
     b, s, n, d = q.shape
+    if layer is not None and kv_pages.ndim == 5:
+        page_indices = page_indices + layer * kv_pages.shape[1]
+        kv_pages = kv_pages.reshape(-1, *kv_pages.shape[2:])
     if (kv_pages.ndim != 4 or kv_pages.shape[2] % 2 or kv_pages.shape[3] != d or n % (kv_pages.shape[2] // 2)
             or page_indices.ndim != 2 or page_indices.shape[0] != b or kv_lens.shape != (b,)
             or q_lens.shape != (b,)):
