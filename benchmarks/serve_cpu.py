@@ -20,9 +20,9 @@ config of generate_cpu.py with random weights, saved as an HF directory with a 3
   min_new_tokens = max_new_tokens so that no row stops early).
 
 Prompts are distinct for every request (so no prefix-cache hit helps the engine: the static batch has no cache to
-hit), of mixed lengths (--prompt-tokens, cycled), with --max-tokens (default one value: every answer as long; a
-list is cycled over the requests, a mix of short and long answers, where a static batch holds every row until its
-longest finishes). Greedy outputs are compared: the server's token ids against the static and transformers tokens
+hit), of mixed lengths (--prompt-tokens, cycled), with --max-tokens cycled over the requests: by default a mix of
+short and long answers (8 to 128 tokens), as a chat service sees them, where a static batch holds every row until
+its longest finishes (a single value makes every answer as long, the static batch's best case). Greedy outputs are compared: the server's token ids against the static and transformers tokens
 of the same request (the fraction identical).
 
 Then the decode step alone: the engine (dots_jax.inference.engine.Engine, in this process) with B sequences all
@@ -36,7 +36,7 @@ in-process runs); torch gets torch.set_num_threads(os.cpu_count()). Prints table
 root:
 
     python benchmarks/serve_cpu.py [--models demo,small] [--clients 1,2,4,8,16,32] [--requests N]
-                                   [--max-tokens 32] [--prompt-tokens 16,48,96,192]
+                                   [--max-tokens 8,16,32,64,128] [--prompt-tokens 16,48,96,192]
                                    [--out benchmarks/results/serve_cpu.json]
     python benchmarks/serve_cpu.py --markdown benchmarks/results/serve_cpu.json   # the README's tables
 """
@@ -588,7 +588,7 @@ def main() -> int:
                         help=f"offered loads: concurrent clients, each at most {MAX_BATCH}")
     parser.add_argument("--requests", type=int, default=0,
                         help="requests per load level (default: twice the clients, at least 8)")
-    parser.add_argument("--max-tokens", type=int_list, default=[32],
+    parser.add_argument("--max-tokens", type=int_list, default=[8, 16, 32, 64, 128],
                         help="max_tokens of the requests (a comma-separated list is cycled over them)")
     parser.add_argument("--prompt-tokens", type=int_list, default=[16, 48, 96, 192],
                         help="prompt lengths in tokens, cycled")
