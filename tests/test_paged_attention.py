@@ -1,5 +1,5 @@
 """Paged attention (dots_jax.ops.paged_attention) against a float64 numpy oracle written here: the "reference"
-backend and "ragged" (the TPU kernel, in the Pallas interpreter on CPU), on steps that mix a fresh prefill, a
+backend, "blocked" and "ragged" (the TPU kernel, in the Pallas interpreter on CPU), on steps that mix a fresh prefill, a
 prefill chunk continuing a sequence, decodes and an unused row, over pages scattered through a shuffled pool; and
 write_kv (new keys and values land at their page and offset, nothing else changes).
 
@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from dots_jax.ops import paged_blocked
 from dots_jax.ops.common import NO_WINDOW
 from dots_jax.ops.paged_attention import paged_attention, write_kv
 from dots_jax.ops.ragged_paged import ragged_paged_attention
@@ -61,7 +62,7 @@ def make_step(rng: np.random.Generator, q_lens: list[int], kv_lens: list[int], s
 step_fn = jax.jit(paged_attention, static_argnames=("window", "backend"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "ragged"])
+@pytest.mark.parametrize("backend", ["reference", "blocked", "ragged"])
 @pytest.mark.parametrize(("steps", "s", "window"), [([MIXED] * 2, 6, NO_WINDOW), ([MIXED] * 2, 6, 5),
                                                      ([DECODE, IDLE], 1, NO_WINDOW)],
                          ids=["mixed", "mixed-window5", "decode"])
@@ -104,7 +105,7 @@ def test_write_kv_puts_new_tokens_at_their_page_and_offset() -> None:
     np.testing.assert_array_equal(out, expected)  # every other slot of the pool unchanged
 
 
-@pytest.mark.parametrize("backend", ["reference", "ragged"])
+@pytest.mark.parametrize("backend", ["reference", "blocked", "ragged"])
 def test_a_layer_of_a_stacks_pool(backend: str) -> None:
     """The model's form: the whole [layers, pages, ...] pool and a traced layer number. Writes land in that layer's
     pages only and attention reads that layer's, as if it were a pool of its own."""
@@ -123,3 +124,15 @@ def test_a_layer_of_a_stacks_pool(backend: str) -> None:
     np.testing.assert_array_equal(new_stack[[0, 2]], stack[[0, 2]])
     np.testing.assert_array_equal(new_stack[1], np.asarray(jax.jit(write_kv)(stack[1], k, v, table, kv_lens, q_lens)))
     np.testing.assert_allclose(out, oracle(q, new_stack[1], table, kv_lens, q_lens, NO_WINDOW), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [NO_WINDOW, 5])
+def test_blocked_across_several_blocks(monkeypatch, window: int) -> None:
+    """Blocks of two pages: rows span up to three blocks, the loop stops after the longest row's last key, and the
+    online softmax joins the blocks exactly."""
+    monkeypatch.setattr(paged_blocked, "KEY_SLOTS_PER_BLOCK", 2 * PAGE)
+    rng = np.random.default_rng(3)
+    q, pool, table, kv_lens, q_lens = make_step(rng, *MIXED, 6)
+    out = np.asarray(jax.jit(paged_blocked.blocked_paged_attention, static_argnums=5)(
+        q, pool, table, kv_lens, q_lens, window))
+    np.testing.assert_allclose(out, oracle(q, pool, table, kv_lens, q_lens, window), rtol=0, atol=1e-5)

@@ -468,11 +468,11 @@ class Engine:
         chunk sizes and the (not yet fetched) sampled tokens."""
         rows = _pow2(len(chunks))
         max_pages = max(-(-(s.computed + n) // self.page_size) for s, n in chunks)
-        # The reference backend gathers every page of a row's table, so its tables are as wide as this call needs,
-        # in powers of two (a compile per width, a gather at most twice the pages). The kernel reads only a row's
-        # pages: one full width, one compile.
+        # "reference" gathers every page of a row's table, so its tables are as wide as this call needs, in powers
+        # of two (a compile per width, a gather of at most twice the pages); the others read only the pages a row
+        # holds: one full width, one compile.
         full = _pow2(self.pages_per_seq)
-        cols = full if self.backend == "ragged" else min(max(_pow2(max_pages), 4), full)
+        cols = min(max(_pow2(max_pages), 4), full) if self.backend == "reference" else full
         tokens = np.zeros((rows, width), np.int32)
         table = np.zeros((rows, cols), np.int32)
         kv_lens = np.zeros(rows, np.int32)

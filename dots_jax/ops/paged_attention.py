@@ -20,8 +20,10 @@ K and V are interleaved by head in a page (k0, v0, k1, v1, ...), the layout of P
 Backends (they agree to float rounding):
   "reference"  gathers each row's pages into a dense [B, M * page] cache and runs dots_jax.ops.attention (its "auto"
                backend): runs everywhere; the CPU serving path and the oracle of the kernel.
+  "blocked"    a block of pages at a time with an online softmax, up to the longest row's last key
+               (dots_jax.ops.paged_blocked): its cost follows the lengths, not the tables' width.
   "ragged"     Pallas' ragged_paged_attention (dots_jax.ops.ragged_paged): Mosaic on TPU, the interpreter elsewhere.
-"auto" is "ragged" on TPU and "reference" elsewhere.
+"auto" is "ragged" on TPU and "blocked" elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 
 from dots_jax.ops.attention import attention
 from dots_jax.ops.common import NO_WINDOW
+from dots_jax.ops.paged_blocked import blocked_paged_attention
 from dots_jax.ops.ragged_paged import ragged_paged_attention
 
 __all__ = ["PAGED_BACKENDS", "default_paged_backend", "paged_attention", "reference_paged_attention",
@@ -86,7 +89,7 @@ def _zero_padding(out: jax.Array, q_lens: jax.Array) -> jax.Array:
 
 
 def default_paged_backend() -> str:
-    return "ragged" if jax.default_backend() == "tpu" and "ragged" in PAGED_BACKENDS else "reference"
+    return "ragged" if jax.default_backend() == "tpu" and "ragged" in PAGED_BACKENDS else "blocked"
 
 
 def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
@@ -110,4 +113,5 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, 
                                    q_lens.astype(jnp.int32), window, layer)
 
 
-PAGED_BACKENDS: dict[str, PagedBackend] = {"reference": reference_paged_attention, "ragged": ragged_paged_attention}
+PAGED_BACKENDS: dict[str, PagedBackend] = {"reference": reference_paged_attention, "blocked": blocked_paged_attention,
+                                           "ragged": ragged_paged_attention}
