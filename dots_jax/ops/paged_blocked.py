@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 __all__ = ["blocked_paged_attention"]
 
-KEY_SLOTS_PER_BLOCK = 256  # whole pages; enough that a short row is one block, few enough to skip unused pages
+KEY_SLOTS_PER_BLOCK = 128  # whole pages: a block past a row's last key is read and masked, so short rows want short blocks
 
 
 def blocked_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
