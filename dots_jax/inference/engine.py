@@ -6,7 +6,8 @@ One thread owns the model, the page pool and the scheduler and runs step() again
   2. decodes every running sequence in one jitted call (rows padded to a power of two: no compile per request),
      taking a new page where a sequence crosses into one, and preempting the youngest sequence when none is left;
   3. prefills a chunk of the admitted prompts (at most `prefill_chunk` token slots) in a second jitted call, so
-     that a long prompt never stalls the running sequences for more than one chunk;
+     that a long prompt never stalls the running sequences for more than one chunk; its rows x width is always
+     about `prefill_chunk` slots (width a power of two), so that prefills have one compiled shape per width;
   4. reads the sampled tokens back (one host copy per call), appends them, detokenizes, checks the stops, sends
      each request its event and frees the pages of finished sequences at once.
 
@@ -388,8 +389,8 @@ class Engine:
         if decoding:
             calls.append((decoding, self._run([(s, 1) for s in decoding], 1)))
         if prefilling:
-            width = _pow2(max(n for _, n in prefilling))
-            calls.append(([s for s, _ in prefilling], self._run(prefilling, max(width, 16))))
+            width = self._prefill_width(max(n for _, n in prefilling))
+            calls.append(([s for s, _ in prefilling], self._run(prefilling, width, self._prefill_rows(width))))
         for seqs, (chunks, tokens) in calls:
             host = np.asarray(tokens)
             for row, (seq, n) in enumerate(zip(seqs, chunks, strict=True)):
@@ -457,16 +458,24 @@ class Engine:
             if seq.computed >= len(seq.tokens) - 1:
                 continue  # decoding
             n = min(len(seq.tokens) - seq.computed, self.prefill_chunk)
-            width = max(_pow2(max([n, *(c for _, c in chosen)])), 16)
+            width = self._prefill_width(max([n, *(c for _, c in chosen)]))
             if chosen and _pow2(len(chosen) + 1) * width > self.prefill_chunk:
                 break
             chosen.append((seq, n))
         return chosen
 
-    def _run(self, chunks: list[tuple[_Sequence, int]], width: int) -> tuple[list[int], jax.Array]:
-        """Dispatch one engine_step over `chunks` (a sequence and its number of new tokens each); returns the
-        chunk sizes and the (not yet fetched) sampled tokens."""
-        rows = _pow2(len(chunks))
+    @staticmethod
+    def _prefill_width(tokens: int) -> int:
+        return max(_pow2(tokens), 16)
+
+    def _prefill_rows(self, width: int) -> int:
+        return max(1, self.prefill_chunk // width)
+
+    def _run(self, chunks: list[tuple[_Sequence, int]], width: int, rows: int | None = None
+             ) -> tuple[list[int], jax.Array]:
+        """Dispatch one engine_step over `chunks` (a sequence and its number of new tokens each) in `rows` rows
+        (default: a power of two); returns the chunk sizes and the (not yet fetched) sampled tokens."""
+        rows = rows or _pow2(len(chunks))
         max_pages = max(-(-(s.computed + n) // self.page_size) for s, n in chunks)
         # "reference" gathers every page of a row's table, so its tables are as wide as this call needs, in powers
         # of two (a compile per width, a gather of at most twice the pages); the others read only the pages a row
@@ -630,15 +639,17 @@ class Engine:
         return outs
 
     def warmup(self) -> None:
-        """Compile the decode step for every batch size and the smallest prefill, before the first request."""
+        """Compile every step shape before the first request: the decode for every batch size and the prefill for
+        every width (with the "reference" backend, the table widths of longer sequences still compile later)."""
         start = time.perf_counter()
-        sizes = sorted({min(_pow2(b), _pow2(self.max_batch)) for b in range(1, self.max_batch + 1)})
+        sizes = sorted({_pow2(b) for b in range(1, self.max_batch + 1)})
+        widths = sorted({self._prefill_width(n) for n in range(1, self.prefill_chunk + 1)})
         dummy = _Sequence("warmup", [0], RequestParams(), lambda e: None, 0, frozenset(), None, tokens=[0])
         for rows in sizes:
-            _, tokens = self._run([(dummy, 0)] * rows, 1)
-            tokens.block_until_ready()
-        self._run([(dummy, 0)], 16)[1].block_until_ready()
-        log.info("warmed up: decode for batch sizes %s and the smallest prefill in %.1f s", sizes,
+            self._run([(dummy, 0)] * rows, 1)[1].block_until_ready()
+        for width in widths:
+            self._run([(dummy, 0)], width, self._prefill_rows(width))[1].block_until_ready()
+        log.info("warmed up: decode for batch sizes %s, prefill %s tokens wide, in %.1f s", sizes, widths,
                  time.perf_counter() - start)
 
 
