@@ -21,6 +21,12 @@ last k step, stores only the rows of its segment (a masked store). The segments 
 output row is written by the kernel itself, exactly once, gap rows as zeros (gap visits multiply nothing).
 tgmm visits (group, tile) pairs the same way with the rows as its reduction axis, and visits an empty group
 once so that its d_rhs is written (as zeros).
+
+int8 rhs (gmm(..., rhs_scale=) with rhs_scale f32 [g_local, n], one scale per group and output column): the
+kernels DMA the int8 blocks (a quarter of f32's bytes, half of bf16's) and convert each to lhs's dtype in VMEM
+(on GPU: in registers) just before its dot; the f32 output is then multiplied per row by its group's scale and
+rounded once, outside the kernel (x @ (q * s) = (x @ q) * s per column). The int8 rhs gets no gradient (tgmm
+is not run); d_lhs is the transposed kernel on the int8 rhs, and the scale has its ordinary jnp gradient.
 """
 
 from __future__ import annotations
@@ -159,8 +165,10 @@ def _gmm_kernel(seg_start, seg_end, seg_id, tile_id, lhs_ref, rhs_ref, out_ref, 
     @pl.when(is_group)
     def _accumulate():
         contract = ((1,), (1,)) if transpose_rhs else ((1,), (0,))
-        acc_ref[...] += jax.lax.dot_general(lhs_ref[...], rhs_ref[...], (contract, ((), ())),
-                                            preferred_element_type=jnp.float32)
+        lhs, rhs = lhs_ref[...], rhs_ref[...]
+        if rhs.dtype != lhs.dtype:  # an int8 rhs: dequantised (to lhs's dtype, exactly) one block at a time
+            rhs = rhs.astype(jnp.float32).astype(lhs.dtype)
+        acc_ref[...] += jax.lax.dot_general(lhs, rhs, (contract, ((), ())), preferred_element_type=jnp.float32)
 
     @pl.when(k_step == num_k_tiles - 1)
     def _store():
@@ -175,7 +183,8 @@ def gmm_tpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset
             tiling: Tiling | None, out_dtype: Any, transpose_rhs: bool = False, interpret: Any = False
             ) -> jax.Array:
     """The Mosaic gmm. transpose_rhs: rhs is [g_local, n, k] and used as its transpose (d_lhs = d_out rhs^T
-    without materializing rhs^T). lhs and rhs must share a dtype; group_offset is an int32 scalar."""
+    without materializing rhs^T). lhs and rhs share a float dtype, or rhs is int8 (converted per block);
+    group_offset is an int32 scalar."""
     m, k = lhs.shape
     num_local = rhs.shape[0]
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -205,10 +214,9 @@ def gmm_tpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset
     rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
     kernel = functools.partial(_gmm_kernel, tm=tm, num_k_tiles=k // tk, transpose_rhs=transpose_rhs,
                                num_segments=num_segments)
-    itemsize = jnp.dtype(lhs.dtype).itemsize
     cost = pl.CostEstimate(flops=2 * m * k * n, transcendentals=0,
-                           bytes_accessed=(m * k * (n // tn) + num_local * k * n) * itemsize
-                           + m * n * jnp.dtype(out_dtype).itemsize)
+                           bytes_accessed=m * k * (n // tn) * lhs.dtype.itemsize
+                           + num_local * k * n * rhs.dtype.itemsize + m * n * jnp.dtype(out_dtype).itemsize)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m_pad, n), out_dtype),
@@ -348,6 +356,8 @@ def _gmm_bwd(static: _Static, residuals: tuple[jax.Array, ...], d_out: jax.Array
     # Rows outside our groups did not touch rhs: the gap visits give them a zero d_lhs, as they should.
     d_lhs = gmm_kernel(d_out, rhs, group_sizes, group_offset, tiling=_swap(static.tiling), out_dtype=lhs.dtype,
                        transpose_rhs=True, interpret=static.interpret)
+    if jnp.issubdtype(rhs.dtype, jnp.integer):  # an int8 rhs has no gradient
+        return d_lhs, None, None, None
     d_rhs = tgmm_kernel(lhs, d_out, group_sizes, group_offset, num_local=rhs.shape[0], tiling=static.tiling,
                         out_dtype=rhs.dtype, interpret=static.interpret)
     return d_lhs, d_rhs, None, None  # integer inputs: no cotangent
@@ -372,7 +382,7 @@ def _platform(interpret: Any, platform: str | None) -> str:
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,
         tiling: Tiling | None = None, preferred_element_type: Any = None, interpret: Any = False,
-        platform: str | None = None) -> jax.Array:
+        platform: str | None = None, rhs_scale: jax.Array | None = None) -> jax.Array:
     """Grouped matmul lhs [m, k] x rhs [g_local, k, n] -> [m, n] (see the module docstring).
 
     group_sizes: int [G] over all groups (G >= g_local); group_offset: the first group this call owns
@@ -381,6 +391,8 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset:
     pltpu.InterpretParams) runs the TPU kernel in the Pallas interpreter, on any platform; on a GPU the
     Triton-lowered kernel of gmm_gpu.py is used; platform ("tpu" / "gpu") forces one kernel family (tests
     run the GPU kernels in the interpreter this way). Differentiable in lhs and rhs.
+    rhs_scale f32 [g_local, n]: rhs is int8 and the product is lhs @ (rhs * rhs_scale[:, None, :]) (see the
+    module docstring); differentiable in lhs and rhs_scale.
     """
     lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes, jnp.int32)
     if lhs.ndim != 2 or rhs.ndim != 3 or group_sizes.ndim != 1 or lhs.shape[1] != rhs.shape[1]:
@@ -389,13 +401,33 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset:
     if rhs.shape[0] > group_sizes.shape[0]:
         raise ValueError(f"rhs holds {rhs.shape[0]} groups but group_sizes only {group_sizes.shape[0]}")
     out_dtype = np.dtype(preferred_element_type if preferred_element_type is not None else lhs.dtype)
+    if (rhs_scale is not None) != (rhs.dtype == jnp.int8):
+        raise ValueError(f"an int8 rhs goes with its rhs_scale and only it: rhs {rhs.dtype}, rhs_scale "
+                         f"{None if rhs_scale is None else rhs_scale.shape}")
+    if rhs_scale is not None and tuple(rhs_scale.shape) != (rhs.shape[0], rhs.shape[2]):
+        raise ValueError(f"rhs_scale {tuple(rhs_scale.shape)} does not fit rhs {tuple(rhs.shape)}: expected "
+                         f"{(rhs.shape[0], rhs.shape[2])}")
     if lhs.shape[0] == 0 or rhs.shape[0] == 0:
         return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
-    dtype = jnp.promote_types(lhs.dtype, rhs.dtype)  # one input dtype for the kernel's dot
     offset = jnp.asarray(0 if group_offset is None else group_offset, jnp.int32).reshape(())
-    static = _Static(None if tiling is None else tuple(tiling), out_dtype, interpret,
-                     _platform(interpret, platform))
-    return _gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes, offset, static)
+    platform = _platform(interpret, platform)
+    tiling = None if tiling is None else tuple(tiling)
+    if rhs_scale is None:
+        dtype = jnp.promote_types(lhs.dtype, rhs.dtype)  # one input dtype for the kernel's dot
+        return _gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes, offset,
+                    _Static(tiling, out_dtype, interpret, platform))
+    if not jnp.issubdtype(lhs.dtype, jnp.floating):
+        lhs = lhs.astype(jnp.float32)
+    out = _gmm(lhs, rhs, group_sizes, offset, _Static(tiling, np.dtype(np.float32), interpret, platform))
+    return (out * _row_scales(rhs_scale, group_sizes, offset, lhs.shape[0])).astype(out_dtype)
+
+
+def _row_scales(rhs_scale: jax.Array, group_sizes: jax.Array, group_offset: jax.Array, m: int) -> jax.Array:
+    """f32 [m, n]: each row's group's scale (rows outside our groups borrow a neighbour's: their output is 0)."""
+    ends = jnp.cumsum(group_sizes)
+    group = jnp.searchsorted(ends, jnp.arange(m, dtype=jnp.int32), side="right").astype(jnp.int32)
+    local = jnp.clip(group - group_offset, 0, rhs_scale.shape[0] - 1)
+    return rhs_scale.astype(jnp.float32)[local]
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, group_offset: jax.Array | int | None = None,

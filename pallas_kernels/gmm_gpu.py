@@ -11,6 +11,8 @@ design differs from the TPU kernel accordingly:
   tgmm: one program per (group, k tile, n tile) of d_rhs, looping over the row tiles of its group, masking
         rows of neighbouring groups; an empty group loops zero times and writes zeros.
 Triton needs power-of-two block shapes (and dots of at least 16 x 16), hence the tiling rule below.
+An int8 rhs (gmm.gmm with rhs_scale) is loaded as int8 and converted to lhs's dtype in registers before each dot;
+gmm.gmm applies the scales to the f32 output.
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ def _gmm_kernel(starts_ref, ends_ref, first_ref, last_ref, lhs_ref, rhs_ref, out
             x = lhs_ref[pl.ds(t * tm, tm), pl.ds(kk * tk, tk)]
             if transpose_rhs:
                 w = rhs_ref[group, pl.ds(j * tn, tn), pl.ds(kk * tk, tk)]
-                return acc + plt.dot(x, w, trans_b=True, precision=_precision(x))
-            return acc + plt.dot(x, rhs_ref[group, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)], precision=_precision(x))
+            else:
+                w = rhs_ref[group, pl.ds(kk * tk, tk), pl.ds(j * tn, tn)]
+            # An int8 rhs is converted in registers, one block per k step (exact in lhs's dtype).
+            w = w.astype(x.dtype)
+            return acc + plt.dot(x, w, trans_b=transpose_rhs, precision=_precision(x))
 
         return jax.lax.fori_loop(0, num_k_tiles, k_step, jnp.zeros((tm, tn), jnp.float32))
 

@@ -97,6 +97,30 @@ def test_gmm_and_gradient_compile_for_tpu_expert_sharded(mesh, rows_per_expert: 
     assert mosaic_kernels(compiled) == {"dots_gmm", "dots_gmm_t", "dots_tgmm"}
 
 
+def test_gmm_with_int8_rhs_compiles_for_tpu(mesh) -> None:
+    """int8 expert weights (rhs_scale), decode-sized, experts split over the 8 chips: the forward and d_lhs kernels
+    (which convert the int8 blocks in VMEM) pass Mosaic; no tgmm, since an int8 rhs has no gradient."""
+    m, local = 8 * EXPERTS, EXPERTS // mesh.size
+
+    def shard(lhs: jax.Array, rhs: jax.Array, scale: jax.Array, group_sizes: jax.Array, d_out: jax.Array):
+        offset = jax.lax.axis_index("x") * local
+
+        def loss(a: jax.Array) -> jax.Array:
+            out = pallas_gmm.gmm(a, rhs, group_sizes, group_offset=offset, rhs_scale=scale, platform="tpu")
+            return jnp.vdot(out.astype(jnp.float32), d_out.astype(jnp.float32))
+
+        return jax.lax.psum(jax.grad(loss)(lhs), "x")
+
+    fn = jax.shard_map(shard, mesh=mesh, in_specs=(P(), P("x"), P("x"), P(), P()), out_specs=P(), check_vma=False)
+    args = (abstract((m, HIDDEN), jnp.bfloat16, mesh, P()),
+            abstract((EXPERTS, HIDDEN, EXPERT_WIDTH), jnp.int8, mesh, P("x")),
+            abstract((EXPERTS, EXPERT_WIDTH), jnp.float32, mesh, P("x")),
+            abstract((EXPERTS,), jnp.int32, mesh, P()),
+            abstract((m, EXPERT_WIDTH), jnp.bfloat16, mesh, P()))
+    compiled = jax.jit(fn).lower(*args).compile()
+    assert mosaic_kernels(compiled) == {"dots_gmm", "dots_gmm_t"}
+
+
 def moe_layer(x: jax.Array, router: jax.Array, bias: jax.Array, gate: jax.Array, up: jax.Array,
               down: jax.Array, shared_gate: jax.Array, shared_up: jax.Array, shared_down: jax.Array) -> jax.Array:
     """dots1's MoE block on this chip's tokens: routing, the routed experts (backend "pallas"), the shared

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dots_jax.ops.common import check_shapes, round_to, row_groups, silu
+from dots_jax.ops.quant import scale_rows
 
 __all__ = ["expert_ffn_loop", "gmm_loop", "loop_row_tile"]
 
@@ -104,6 +105,8 @@ def _loop_forward(lhs: jax.Array, rhs: jax.Array, layout: _TileLayout) -> jax.Ar
     def one_tile(t: jax.Array, out_slots: jax.Array) -> jax.Array:
         x = jax.lax.dynamic_slice_in_dim(lhs_slots, t * tile, tile, axis=0)
         w = jax.lax.dynamic_index_in_dim(rhs, layout.tile_group[t], axis=0, keepdims=False)  # [k, n]
+        if jnp.issubdtype(w.dtype, jnp.integer):
+            w = w.astype(x.dtype)  # an int8 rhs is converted one tile's block at a time
         y = jnp.dot(x, w, preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(out_slots, y, t * tile, axis=0)
 
@@ -120,36 +123,42 @@ def transposed(a: jax.Array) -> jax.Array:
 
 
 def _loop_backward(lhs: jax.Array, rhs: jax.Array, d_out: jax.Array,
-                   layout: _TileLayout) -> tuple[jax.Array, jax.Array]:
-    """f32 (d_lhs [m, k], d_rhs [g, k, n]) in one pass over the used tiles.
+                   layout: _TileLayout) -> tuple[jax.Array, jax.Array | None]:
+    """f32 (d_lhs [m, k], d_rhs [g, k, n]) in one pass over the used tiles; d_rhs is None for an integer (int8)
+    rhs, which has no gradient.
 
     Per tile t of group g: d_x_t = d_y_t @ rhs[g]^T, and d_rhs[g] += x_t^T @ d_y_t, accumulated in place in
     a [g, k, n] carry (read-add-write of one [k, n] slice, never a full-size temporary). Padding slots hold
     zeros in both x and d_y, so they add nothing; tiles past the used ones are never visited.
     """
+    want_rhs = jnp.issubdtype(rhs.dtype, jnp.floating)
     tile = layout.tile
     lhs_slots = _to_slots(lhs, layout)
     d_out_slots = _to_slots(d_out, layout)
 
-    def one_tile(t: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        d_lhs_slots, d_rhs = carry
+    def one_tile(t: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+        d_lhs_slots, *d_rhs = carry
         group = layout.tile_group[t]
         x = jax.lax.dynamic_slice_in_dim(lhs_slots, t * tile, tile, axis=0)  # [T, k]
         dy = jax.lax.dynamic_slice_in_dim(d_out_slots, t * tile, tile, axis=0)  # [T, n]
         w = jax.lax.dynamic_index_in_dim(rhs, group, axis=0, keepdims=False)  # [k, n]
+        if not want_rhs:
+            w = w.astype(dy.dtype)
         # Contract over n directly. Materializing rhs^T ([g, n, k]) up front measured slower on XLA:CPU:
         # the full transpose costs more than the per-tile transposed-operand matmuls it saves.
         dx = jnp.einsum("tn,kn->tk", dy, w, preferred_element_type=jnp.float32)
         d_lhs_slots = jax.lax.dynamic_update_slice_in_dim(d_lhs_slots, dx, t * tile, axis=0)
+        if not want_rhs:
+            return (d_lhs_slots,)
         dw = jnp.dot(transposed(x), dy, preferred_element_type=jnp.float32)
-        old = jax.lax.dynamic_index_in_dim(d_rhs, group, axis=0, keepdims=True)  # [1, k, n]
-        d_rhs = jax.lax.dynamic_update_index_in_dim(d_rhs, old + dw[None], group, axis=0)
-        return d_lhs_slots, d_rhs
+        old = jax.lax.dynamic_index_in_dim(d_rhs[0], group, axis=0, keepdims=True)  # [1, k, n]
+        return d_lhs_slots, jax.lax.dynamic_update_index_in_dim(d_rhs[0], old + dw[None], group, axis=0)
 
-    d_lhs_slots = jnp.zeros((layout.num_tiles * tile, lhs.shape[1]), jnp.float32)
-    d_rhs = jnp.zeros(rhs.shape, jnp.float32)
-    d_lhs_slots, d_rhs = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, (d_lhs_slots, d_rhs))
-    return _from_slots(d_lhs_slots, layout), d_rhs
+    init = (jnp.zeros((layout.num_tiles * tile, lhs.shape[1]), jnp.float32),)
+    if want_rhs:
+        init += (jnp.zeros(rhs.shape, jnp.float32),)
+    d_lhs_slots, *d_rhs = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, init)
+    return _from_slots(d_lhs_slots, layout), d_rhs[0] if want_rhs else None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -172,16 +181,20 @@ def _gmm_loop_bwd(out_dtype: np.dtype, tile: int, residuals: tuple[jax.Array, ja
     lhs, rhs, group_sizes = residuals
     layout = _tile_layout(group_sizes, lhs.shape[0], tile)
     d_lhs, d_rhs = _loop_backward(lhs, rhs, d_out, layout)
-    # group_sizes is integer: no cotangent (None means zero).
-    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
+    # Integer inputs (group_sizes, an int8 rhs): no cotangent (None means zero).
+    return d_lhs.astype(lhs.dtype), None if d_rhs is None else d_rhs.astype(rhs.dtype), None
 
 
 _gmm_loop.defvjp(_gmm_loop_fwd, _gmm_loop_bwd)
 
 
 def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_element_type: jnp.dtype,
-             *, tile: int | None = None) -> jax.Array:
+             *, tile: int | None = None, rhs_scale: jax.Array | None = None) -> jax.Array:
     """Tiled loop backend. `tile` overrides loop_row_tile(m, g) (tests and benchmarks use it).
+
+    With rhs_scale [g, n], rhs is int8: each tile converts its group's int8 [k, n] block to f32 for its
+    matmul, the f32 output is scaled per row by its group's scale, and rounded once. The int8 rhs gets no
+    gradient; the scale gets its ordinary one (the scaling is plain jnp, outside the loop).
 
     Differentiable once (custom VJP; its backward is itself a loop with a traced trip count, so there is no
     second derivative).
@@ -190,7 +203,11 @@ def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_e
         tile = loop_row_tile(lhs.shape[0], rhs.shape[0])
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
-    return _gmm_loop(lhs, rhs, group_sizes, np.dtype(preferred_element_type), int(tile))
+    if rhs_scale is None:
+        return _gmm_loop(lhs, rhs, group_sizes, np.dtype(preferred_element_type), int(tile))
+    # f32 rows: products of int8 and bf16 values are exact in f32, so nothing is lost against a bf16 dot.
+    unscaled = _gmm_loop(lhs.astype(jnp.float32), rhs, group_sizes, np.dtype(np.float32), int(tile))
+    return round_to(scale_rows(unscaled, rhs_scale, group_sizes), preferred_element_type)
 
 
 
@@ -205,8 +222,15 @@ def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_e
 # the activation dtype where gmm casts; SiLU and its derivative are computed in f32 (as common.silu does).
 
 
+# With int8 weights (scales given) each tile converts its group's int8 blocks to the activation dtype (exact) and
+# multiplies the f32 products by the per-column scales before rounding, as ops.gmm does for an int8 rhs; in the
+# backward the cotangent is scaled before it meets an int8 block (d(x @ q * s) = (dy * s) @ q^T).
+
+Scales = tuple[jax.Array, jax.Array, jax.Array]  # (gate [g, I], up [g, I], down [g, H]), f32
+
+
 def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, group_sizes: jax.Array,
-                    *, tile: int | None = None) -> jax.Array:
+                    *, tile: int | None = None, scales: Scales | None = None) -> jax.Array:
     """SwiGLU experts on grouped rows: out = (silu(rows @ gate[g]) * (rows @ up[g])) @ down[g] per group g.
 
     rows [m, H] sorted by group, gate/up [g, H, I], down [g, I, H], group_sizes int [g] (sum <= m, not
@@ -214,14 +238,31 @@ def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.A
     rows.dtype; the weights are cast to rows.dtype first, as ops.gmm.expert_ffn does for gmm. Equal to
     gmm(silu(gmm(rows, gate)) * gmm(rows, up), down) with the "loop" backend, in one loop over the row tiles
     forward and one backward (custom VJP; differentiable once). `tile` overrides loop_row_tile(m, g).
+
+    scales = (gate_scale [g, I], up_scale [g, I], down_scale [g, H]): the weights are int8 and each product is
+    scaled per output column (ops.quant's per-channel scheme). The int8 weights get no gradient and the scales a
+    zero one: both are constants of a quantised model (LoRA trains adapters beside them).
     """
     rows, group_sizes = jnp.asarray(rows), jnp.asarray(group_sizes)
     dtype = rows.dtype
-    gate, up, down = (jnp.asarray(w).astype(dtype) for w in (gate, up, down))
+    if scales is None:
+        gate, up, down = (jnp.asarray(w).astype(dtype) for w in (gate, up, down))
+    else:
+        gate, up, down = (jnp.asarray(w) for w in (gate, up, down))
+        if any(w.dtype != jnp.int8 for w in (gate, up, down)):
+            raise ValueError(f"expert_ffn_loop with scales expects int8 weights, got {gate.dtype}, {up.dtype}, "
+                             f"{down.dtype}")
+        scales = tuple(jnp.asarray(scale, jnp.float32) for scale in scales)
     check_shapes(rows, gate, group_sizes)
     if up.shape != gate.shape or down.shape != (gate.shape[0], gate.shape[2], rows.shape[1]):
         raise ValueError(f"expert_ffn_loop expects gate/up [g, H, I] and down [g, I, H]; got gate {gate.shape}, "
                          f"up {up.shape}, down {down.shape}, rows {rows.shape}")
+    if scales is not None:
+        g, _, inner = gate.shape
+        expected = ((g, inner), (g, inner), (g, rows.shape[1]))
+        if tuple(tuple(scale.shape) for scale in scales) != expected:
+            raise ValueError(f"expert_ffn_loop expects scales shaped {expected} (gate, up, down: the weights' "
+                             f"output axes), got {[tuple(scale.shape) for scale in scales]}")
     m, num_groups = rows.shape[0], gate.shape[0]
     if tile is None:
         tile = loop_row_tile(m, num_groups)
@@ -229,26 +270,38 @@ def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.A
         raise ValueError(f"tile must be positive, got {tile}")
     if m == 0 or num_groups == 0:
         return jnp.zeros(rows.shape, dtype)
-    return _ffn_loop(rows, gate, up, down, group_sizes.astype(jnp.int32), int(tile))
+    return _ffn_loop(rows, gate, up, down, group_sizes.astype(jnp.int32), scales, int(tile))
 
 
-def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, layout: _TileLayout,
-                      keep_activations: bool) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+def _block(weights: jax.Array, group: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """One group's weight block in the activation dtype (for int8 weights: the per-tile conversion)."""
+    return jax.lax.dynamic_index_in_dim(weights, group, axis=0, keepdims=False).astype(dtype)
+
+
+def _scaled(y: jax.Array, scale: jax.Array | None, group: jax.Array) -> jax.Array:
+    """y [T, n] times one group's scale [n] (in f32), or y itself when the weights are not quantised."""
+    if scale is None:
+        return y
+    return y.astype(jnp.float32) * jax.lax.dynamic_index_in_dim(scale, group, axis=0, keepdims=False)
+
+
+def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, scales: Scales | None,
+                      layout: _TileLayout, keep_activations: bool
+                      ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(out [m, H], h_gate slots, h_up slots), in rows.dtype. The slots ([num_tiles * T, I], the backward's
     residuals) are written only when keep_activations (under differentiation); else they are None."""
     tile, dtype = layout.tile, rows.dtype
+    s_gate, s_up, s_down = (None, None, None) if scales is None else scales
     x_slots = _to_slots(rows, layout)
 
     def one_tile(t: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         group = layout.tile_group[t]
         x = jax.lax.dynamic_slice_in_dim(x_slots, t * tile, tile, axis=0)  # [T, H]
-        w_gate = jax.lax.dynamic_index_in_dim(gate, group, axis=0, keepdims=False)  # [H, I]
-        w_up = jax.lax.dynamic_index_in_dim(up, group, axis=0, keepdims=False)
-        w_down = jax.lax.dynamic_index_in_dim(down, group, axis=0, keepdims=False)  # [I, H]
-        h_gate = jnp.dot(x, w_gate, preferred_element_type=jnp.float32).astype(dtype)
-        h_up = jnp.dot(x, w_up, preferred_element_type=jnp.float32).astype(dtype)
-        y = jnp.dot(silu(h_gate) * h_up, w_down, preferred_element_type=jnp.float32).astype(dtype)
-        written = (y, h_gate, h_up) if keep_activations else (y,)
+        w_gate, w_up, w_down = (_block(w, group, dtype) for w in (gate, up, down))  # [H, I], [H, I], [I, H]
+        h_gate = _scaled(jnp.dot(x, w_gate, preferred_element_type=jnp.float32), s_gate, group).astype(dtype)
+        h_up = _scaled(jnp.dot(x, w_up, preferred_element_type=jnp.float32), s_up, group).astype(dtype)
+        y = _scaled(jnp.dot(silu(h_gate) * h_up, w_down, preferred_element_type=jnp.float32), s_down, group)
+        written = (y.astype(dtype), h_gate, h_up) if keep_activations else (y.astype(dtype),)
         return tuple(jax.lax.dynamic_update_slice_in_dim(slots, value, t * tile, axis=0)
                      for slots, value in zip(carry, written, strict=True))
 
@@ -261,21 +314,25 @@ def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax
     return _from_slots(out_slots, layout), gate_slots, up_slots
 
 
-def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, gate_slots: jax.Array,
-                       up_slots: jax.Array, d_out: jax.Array, layout: _TileLayout
-                       ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """(d_rows [m, H], d_gate, d_up, d_down), all f32, in one pass over the used tiles.
+def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, scales: Scales | None,
+                       gate_slots: jax.Array, up_slots: jax.Array, d_out: jax.Array, layout: _TileLayout
+                       ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None]:
+    """(d_rows [m, H], (d_gate, d_up, d_down)), all f32, in one pass over the used tiles; the weight gradients
+    are None for int8 weights (scales given), which have none.
 
     Per tile of group g, with h_gate and h_up saved by the forward and s = silu(h_gate):
       dh = dy @ down[g]^T;  d_down[g] += h^T @ dy  where h = s * h_up
       dh_up = dh * s;  dh_gate = dh * h_up * silu'(h_gate)
       dx = dh_gate @ gate[g]^T + dh_up @ up[g]^T;  d_gate[g] += x^T @ dh_gate;  d_up[g] += x^T @ dh_up
+    (with int8 weights, dy, dh_gate and dh_up are first multiplied by the scales of down, gate and up).
     dh, dh_up and dh_gate are rounded to the activation dtype where autodiff of the unfused path rounds them
     (dx is summed in f32 and rounded once, where the unfused path rounds both terms first). The weight
     gradients accumulate in place in f32 carries, as in _loop_backward. Padding slots hold zeros in x and dy,
     so they add nothing.
     """
     tile, dtype = layout.tile, rows.dtype
+    s_gate, s_up, s_down = (None, None, None) if scales is None else scales
+    want_weights = scales is None
     # The rows are gathered again rather than saved padded: the padded copy is up to g * (T - 1) rows larger,
     # and saving it measured no faster (a 1.28x vs 1.27x CPU-time gain over the unfused path at the small config).
     x_slots = _to_slots(rows, layout)
@@ -286,64 +343,71 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
         return jax.lax.dynamic_update_index_in_dim(acc, old + update[None], group, axis=0)
 
     def one_tile(t: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
-        dx_slots, d_gate, d_up, d_down = carry
+        dx_slots, *d_weights = carry
         group = layout.tile_group[t]
         x = jax.lax.dynamic_slice_in_dim(x_slots, t * tile, tile, axis=0)  # [T, H]
         dy = jax.lax.dynamic_slice_in_dim(dy_slots, t * tile, tile, axis=0)  # [T, H]
         h_gate = jax.lax.dynamic_slice_in_dim(gate_slots, t * tile, tile, axis=0)  # [T, I]
         h_up = jax.lax.dynamic_slice_in_dim(up_slots, t * tile, tile, axis=0)
-        w_gate = jax.lax.dynamic_index_in_dim(gate, group, axis=0, keepdims=False)  # [H, I]
-        w_up = jax.lax.dynamic_index_in_dim(up, group, axis=0, keepdims=False)
-        w_down = jax.lax.dynamic_index_in_dim(down, group, axis=0, keepdims=False)  # [I, H]
+        w_gate, w_up, w_down = (_block(w, group, dtype) for w in (gate, up, down))  # [H, I], [H, I], [I, H]
 
         gate_f32 = h_gate.astype(jnp.float32)
         sigmoid = jax.nn.sigmoid(gate_f32)
         s = (gate_f32 * sigmoid).astype(dtype)  # silu(h_gate), rounded as the forward rounded it
-        dh = jnp.einsum("th,ih->ti", dy, w_down, preferred_element_type=jnp.float32).astype(dtype)
-        d_down = accumulate(d_down, group, jnp.dot(transposed(s * h_up), dy, preferred_element_type=jnp.float32))
+        dh = jnp.einsum("th,ih->ti", _scaled(dy, s_down, group), w_down,
+                        preferred_element_type=jnp.float32).astype(dtype)
         dh_up = dh * s
         # silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))), in f32 like the forward SiLU.
         silu_grad = sigmoid * (1.0 + gate_f32 * (1.0 - sigmoid))
         dh_gate = ((dh * h_up).astype(jnp.float32) * silu_grad).astype(dtype)
-        dx = (jnp.einsum("ti,hi->th", dh_gate, w_gate, preferred_element_type=jnp.float32)
-              + jnp.einsum("ti,hi->th", dh_up, w_up, preferred_element_type=jnp.float32))
+        dx = (jnp.einsum("ti,hi->th", _scaled(dh_gate, s_gate, group), w_gate, preferred_element_type=jnp.float32)
+              + jnp.einsum("ti,hi->th", _scaled(dh_up, s_up, group), w_up, preferred_element_type=jnp.float32))
         dx_slots = jax.lax.dynamic_update_slice_in_dim(dx_slots, dx, t * tile, axis=0)
+        if not want_weights:
+            return (dx_slots,)
+        d_gate, d_up, d_down = d_weights
+        d_down = accumulate(d_down, group, jnp.dot(transposed(s * h_up), dy, preferred_element_type=jnp.float32))
         x_t = transposed(x)
         d_gate = accumulate(d_gate, group, jnp.dot(x_t, dh_gate, preferred_element_type=jnp.float32))
         d_up = accumulate(d_up, group, jnp.dot(x_t, dh_up, preferred_element_type=jnp.float32))
         return dx_slots, d_gate, d_up, d_down
 
-    init = (jnp.zeros((layout.num_tiles * tile, rows.shape[1]), jnp.float32), jnp.zeros(gate.shape, jnp.float32),
-            jnp.zeros(up.shape, jnp.float32), jnp.zeros(down.shape, jnp.float32))
-    dx_slots, d_gate, d_up, d_down = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, init)
-    return _from_slots(dx_slots, layout), d_gate, d_up, d_down
+    init = (jnp.zeros((layout.num_tiles * tile, rows.shape[1]), jnp.float32),)
+    if want_weights:
+        init += tuple(jnp.zeros(w.shape, jnp.float32) for w in (gate, up, down))
+    dx_slots, *d_weights = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, init)
+    return _from_slots(dx_slots, layout), tuple(d_weights) if want_weights else None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, group_sizes: jax.Array,
-              tile: int) -> jax.Array:
+              scales: Scales | None, tile: int) -> jax.Array:
     layout = _tile_layout(group_sizes, rows.shape[0], tile)
-    return _ffn_loop_forward(rows, gate, up, down, layout, keep_activations=False)[0]
+    return _ffn_loop_forward(rows, gate, up, down, scales, layout, keep_activations=False)[0]
 
 
 def _ffn_loop_fwd(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, group_sizes: jax.Array,
-                  tile: int) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+                  scales: Scales | None, tile: int) -> tuple[jax.Array, tuple]:
     # h_gate and h_up are kept (padded layout, activation dtype) rather than recomputed in the backward:
     # recomputing them costs two more matmuls per tile, and measured slower (fwd+bwd of moe_experts vs the
     # unfused path: 1.20x instead of 1.30x at the small config, 0.94x instead of 1.11x at the medium one).
     layout = _tile_layout(group_sizes, rows.shape[0], tile)
-    out, gate_slots, up_slots = _ffn_loop_forward(rows, gate, up, down, layout, keep_activations=True)
-    return out, (rows, gate, up, down, group_sizes, gate_slots, up_slots)
+    out, gate_slots, up_slots = _ffn_loop_forward(rows, gate, up, down, scales, layout, keep_activations=True)
+    return out, (rows, gate, up, down, group_sizes, scales, gate_slots, up_slots)
 
 
-def _ffn_loop_bwd(tile: int, residuals: tuple[jax.Array, ...], d_out: jax.Array
-                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, None]:
-    rows, gate, up, down, group_sizes, gate_slots, up_slots = residuals
+def _ffn_loop_bwd(tile: int, residuals: tuple, d_out: jax.Array) -> tuple:
+    rows, gate, up, down, group_sizes, scales, gate_slots, up_slots = residuals
     layout = _tile_layout(group_sizes, rows.shape[0], tile)
-    d_rows, d_gate, d_up, d_down = _ffn_loop_backward(rows, gate, up, down, gate_slots, up_slots, d_out, layout)
+    d_rows, d_weights = _ffn_loop_backward(rows, gate, up, down, scales, gate_slots, up_slots, d_out, layout)
+    if d_weights is None:  # int8 weights: no gradient; their scales: a zero one (see expert_ffn_loop)
+        d_gate = d_up = d_down = None
+        d_scales = tuple(jnp.zeros_like(scale) for scale in scales)
+    else:
+        d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(d_weights, (gate, up, down), strict=True))
+        d_scales = None
     # group_sizes is integer: no cotangent (None means zero).
-    return (d_rows.astype(rows.dtype), d_gate.astype(gate.dtype), d_up.astype(up.dtype), d_down.astype(down.dtype),
-            None)
+    return d_rows.astype(rows.dtype), d_gate, d_up, d_down, None, d_scales
 
 
 _ffn_loop.defvjp(_ffn_loop_fwd, _ffn_loop_bwd)

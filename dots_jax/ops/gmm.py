@@ -25,11 +25,16 @@ loop (cpu_loops.expert_ffn_loop) when the backend resolves to "loop", else three
 
 register_backend() adds a backend (for example a Pallas kernel) without touching any caller.
 All backends accumulate in f32 and cast once to the output dtype.
+
+int8 rhs (weight-only quantisation, ops.quant): gmm(..., rhs_scale=) with rhs int8 [g, k, n] and rhs_scale f32
+[g, n], one scale per group and output column. "dense" dequantises the whole rhs up front (the reference); every
+other backend reads the int8 rhs, converts it where it multiplies (per gathered row, per tile, in VMEM or in
+registers) and scales the f32 output per row by its group's scale, rounding once. The int8 rhs has no gradient
+and its scale is a constant (stop_gradient: a zero cotangent); lhs gradients are exact.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import jax
@@ -37,6 +42,7 @@ import jax.numpy as jnp
 
 from dots_jax.ops.common import check_shapes, round_to, row_groups, silu
 from dots_jax.ops.cpu_loops import expert_ffn_loop, gmm_loop
+from dots_jax.ops.quant import dequantize, scale_rows
 from pallas_kernels import reference
 
 __all__ = ["BACKENDS", "default_backend", "expert_ffn", "gmm", "gmm_dense", "gmm_gather", "gmm_pallas",
@@ -44,12 +50,13 @@ __all__ = ["BACKENDS", "default_backend", "expert_ffn", "gmm", "gmm_dense", "gmm
 
 # A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
 # preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
-# checked shapes, cast lhs and rhs to one dtype and cast group_sizes to int32.
-Backend = Callable[[jax.Array, jax.Array, jax.Array, jnp.dtype], jax.Array]
+# checked shapes, cast lhs and rhs to one dtype and cast group_sizes to int32. A backend that takes an int8 rhs
+# also accepts rhs_scale= (f32 [g, n]); gmm() passes it only then, with lhs a float array and rhs int8.
+Backend = Callable[..., jax.Array]
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str = "auto",
-        preferred_element_type: jnp.dtype | None = None) -> jax.Array:
+        preferred_element_type: jnp.dtype | None = None, rhs_scale: jax.Array | None = None) -> jax.Array:
     """Grouped matmul: lhs [m, k], rhs [g, k, n], group_sizes int [g] -> [m, n].
 
     Rows of lhs are sorted by group: rows [0, gs[0]) use rhs[0], the next gs[1] rows use rhs[1], and so on.
@@ -57,6 +64,9 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
     is usually traced). Works under jax.jit (shapes static, group_sizes traced) and is differentiable with
     respect to lhs and rhs. The output dtype is preferred_element_type if given, else lhs.dtype; products
     are accumulated in f32 and cast once.
+
+    rhs_scale f32 [g, n]: rhs is int8, and the product is lhs @ dequantize(rhs, rhs_scale) (see the module
+    docstring); then rhs has no gradient and rhs_scale a zero one.
     """
     if backend == "auto":
         backend = default_backend(lhs.shape[0], rhs.shape[0])
@@ -65,16 +75,36 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, backend: str 
     lhs, rhs, group_sizes = jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(group_sizes)
     check_shapes(lhs, rhs, group_sizes)
     out_dtype = jnp.dtype(preferred_element_type if preferred_element_type is not None else lhs.dtype)
-    # One compute dtype for both operands, so that no backend meets a mixed-dtype dot; promotion never loses
-    # precision (bf16 with f32 computes in f32).
-    compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
-    lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+    if rhs_scale is None:
+        if jnp.issubdtype(rhs.dtype, jnp.integer):
+            raise ValueError(f"gmm: an integer rhs ({rhs.dtype}) needs its rhs_scale")
+        # One compute dtype for both operands, so that no backend meets a mixed-dtype dot; promotion never loses
+        # precision (bf16 with f32 computes in f32).
+        compute_dtype = jnp.promote_types(lhs.dtype, rhs.dtype)
+        lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+    else:
+        rhs_scale = _check_scale(rhs, jnp.asarray(rhs_scale))
+        if not jnp.issubdtype(lhs.dtype, jnp.floating):
+            lhs = lhs.astype(jnp.float32)
     group_sizes = group_sizes.astype(jnp.int32)
     m, n = lhs.shape[0], rhs.shape[2]
     if m == 0 or rhs.shape[0] == 0:
         # No rows, or no groups (then every row is past the end): the answer is all zeros.
         return jnp.zeros((m, n), out_dtype)
-    return BACKENDS[backend](lhs, rhs, group_sizes, out_dtype)
+    if rhs_scale is None:
+        return BACKENDS[backend](lhs, rhs, group_sizes, out_dtype)
+    return BACKENDS[backend](lhs, rhs, group_sizes, out_dtype, rhs_scale=rhs_scale)
+
+
+def _check_scale(rhs: jax.Array, rhs_scale: jax.Array) -> jax.Array:
+    """rhs_scale as the backends take it (f32, a constant), after checking that it fits an int8 rhs."""
+    if rhs.dtype != jnp.int8:
+        raise ValueError(f"gmm: rhs_scale goes with an int8 rhs, got {rhs.dtype}")
+    expected = (rhs.shape[0], rhs.shape[2])
+    if tuple(rhs_scale.shape) != expected:
+        raise ValueError(f"gmm: rhs_scale {tuple(rhs_scale.shape)} does not fit rhs {tuple(rhs.shape)}: expected "
+                         f"{expected}, one scale per group and output column")
+    return jax.lax.stop_gradient(rhs_scale.astype(jnp.float32))
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -101,25 +131,34 @@ def default_backend(m: int | None = None, g: int | None = None) -> str:
 
 
 def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, group_sizes: jax.Array, *,
-               backend: str = "auto") -> jax.Array:
+               backend: str = "auto",
+               scales: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
     """SwiGLU experts on rows sorted by expert: out = (silu(rows @ gate[g]) * (rows @ up[g])) @ down[g] per group.
 
     rows [m, H]; gate/up [g, H, I]; down [g, I, H] (cast to rows.dtype); group_sizes int [g], sum <= m (rows past
     the sum give zeros). Returns [m, H] in rows.dtype. "auto" resolves as gmm does.
+    scales = (gate_scale [g, I], up_scale [g, I], down_scale [g, H]): the three weights are int8 (gmm's rhs_scale,
+    per product), with no gradient; the scales are constants (a zero cotangent).
     """
     dtype = rows.dtype
     if backend == "auto":
         backend = default_backend(rows.shape[0], gate.shape[0])
+    if scales is not None:
+        scales = tuple(jax.lax.stop_gradient(jnp.asarray(scale, jnp.float32)) for scale in scales)
+        weights = (gate, up, down)
+    else:
+        scales = (None, None, None)
+        weights = tuple(w.astype(dtype) for w in (gate, up, down))
     if backend == "loop":
         # The same computation fused into one loop over row tiles forward and one backward, instead of three
         # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
-        return expert_ffn_loop(rows, gate.astype(dtype), up.astype(dtype), down.astype(dtype), group_sizes)
-    h_gate = gmm(rows, gate.astype(dtype), group_sizes, backend=backend)
-    h_up = gmm(rows, up.astype(dtype), group_sizes, backend=backend)
+        return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales)
+    h_gate = gmm(rows, weights[0], group_sizes, backend=backend, rhs_scale=scales[0])
+    h_up = gmm(rows, weights[1], group_sizes, backend=backend, rhs_scale=scales[1])
     # Rounded as torch rounds its bf16 product: "gather" fuses the product into its einsum, where XLA would
     # otherwise keep it in f32 (see round_to).
     h = round_to(silu(h_gate).astype(jnp.float32) * h_up.astype(jnp.float32), dtype)
-    return gmm(h, down.astype(dtype), group_sizes, backend=backend)
+    return gmm(h, weights[2], group_sizes, backend=backend, rhs_scale=scales[2])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -127,8 +166,12 @@ def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
 
 
 def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-                   preferred_element_type: jnp.dtype) -> jax.Array:
-    """jax.lax.ragged_dot, accumulating in f32, with rows past sum(group_sizes) masked to zero."""
+                   preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
+    """jax.lax.ragged_dot, accumulating in f32, with rows past sum(group_sizes) masked to zero. An int8 rhs is
+    converted to lhs's dtype for it (exactly) and the output scaled per row."""
+    if rhs_scale is not None:
+        out = jax.lax.ragged_dot(lhs, rhs.astype(lhs.dtype), group_sizes, preferred_element_type=jnp.float32)
+        return round_to(scale_rows(out, rhs_scale, group_sizes), preferred_element_type)
     out = jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     # XLA:CPU's lowering already zeroes rows past the last group (checked in the tests), but native GPU/TPU
     # kernels may leave them unwritten, and the select is cheap next to the matmul.
@@ -141,9 +184,12 @@ def gmm_ragged_dot(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 
 def gmm_dense(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-              preferred_element_type: jnp.dtype) -> jax.Array:
+              preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
     """The reference, pallas_kernels.reference.gmm (every row times every group, then a one-hot select), summed
-    in f32 and rounded once to the output dtype by round_to, as every backend rounds."""
+    in f32 and rounded once to the output dtype by round_to, as every backend rounds. An int8 rhs is dequantised
+    up front, to f32 (with lhs in f32): the oracle the other backends' int8 paths are tested against."""
+    if rhs_scale is not None:
+        lhs, rhs = lhs.astype(jnp.float32), dequantize(rhs, rhs_scale, (1,), jnp.float32)
     out = reference.gmm(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
     return round_to(out, preferred_element_type)
 
@@ -153,11 +199,16 @@ def gmm_dense(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 
 def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-               preferred_element_type: jnp.dtype) -> jax.Array:
+               preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
     """out[i] = lhs[i] @ rhs[group of row i]: gathers one weight matrix per row, so it reads only the experts
     some row chose. For decode-sized m (a few rows per step, m <= g) that is the least memory traffic of all
     backends, and it is one batched matmul with no loop; for large m it copies m matrices: use "loop"."""
     group, valid = row_groups(group_sizes, lhs.shape[0])
+    if rhs_scale is not None:
+        # The int8 rows are gathered, then converted (XLA fuses the two): one int8 read of each chosen matrix.
+        out = jnp.einsum("mk,mkn->mn", lhs.astype(jnp.float32), rhs[group].astype(jnp.float32),
+                         preferred_element_type=jnp.float32)
+        return round_to(jnp.where(valid[:, None], out * rhs_scale[group], 0.0), preferred_element_type)
     # The weights are gathered in f32: the gather's gradient scatter-adds one [k, n] product per row into rhs's
     # gradient, and in bf16 each addition rounds (a bf16 d_rhs entry measured 4x off its float64 value); in f32 it
     # is rounded once. XLA converts only the gathered rows, and a product of bf16 values is exact in f32.
@@ -170,20 +221,25 @@ def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 
 
 def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
-               preferred_element_type: jnp.dtype) -> jax.Array:
+               preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
     """pallas_kernels.gmm: the Mosaic kernel on TPU, the Triton one on GPU, the interpreted Mosaic kernel on
-    CPU. Tiles come from its per-shape table; rows past sum(group_sizes) are written as zeros by the kernel."""
+    CPU. Tiles come from its per-shape table; rows past sum(group_sizes) are written as zeros by the kernel.
+    An int8 rhs is converted inside the kernels (in VMEM per tile on TPU, in registers on GPU)."""
     # Imported here: Pallas (and on GPU its Triton lowering) is only loaded by those who use this backend.
     from pallas_kernels import gmm as pallas_gmm
 
     def kernel(platform: str, interpret: bool) -> Callable[..., jax.Array]:
-        return functools.partial(pallas_gmm.gmm, preferred_element_type=preferred_element_type,
-                                 platform=platform, interpret=interpret)
+        def run(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_scale: jax.Array | None) -> jax.Array:
+            return pallas_gmm.gmm(lhs, rhs, group_sizes, rhs_scale=rhs_scale,
+                                  preferred_element_type=preferred_element_type, platform=platform,
+                                  interpret=interpret)
+        return run
 
     # Chosen when lowering, not from jax.default_backend(): a CPU host compiling ahead of time for a TPU
     # (jax.jit(...).lower(...) on TPU devices) must get the Mosaic kernel, not the interpreter.
-    return jax.lax.platform_dependent(lhs, rhs, group_sizes, tpu=kernel("tpu", False), cuda=kernel("gpu", False),
-                                      rocm=kernel("gpu", False), default=kernel("tpu", True))
+    return jax.lax.platform_dependent(lhs, rhs, group_sizes, rhs_scale, tpu=kernel("tpu", False),
+                                      cuda=kernel("gpu", False), rocm=kernel("gpu", False),
+                                      default=kernel("tpu", True))
 
 
 BACKENDS: dict[str, Backend] = {

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dots_jax.ops.common import round_to
+from dots_jax.ops.common import round_to, row_groups
 
-__all__ = ["dequantize", "qeinsum", "quantize_int8", "scale_labels"]
+__all__ = ["dequantize", "qeinsum", "quantize_int8", "scale_labels", "scale_rows"]
 
 INT8_MAX = 127  # symmetric: -128 is never used, so that negating a weight never overflows
 
@@ -91,11 +91,38 @@ def qeinsum(equation: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) 
     if w.dtype != jnp.int8:
         raise ValueError(f"qeinsum({equation!r}): a scale goes with an int8 weight, got {w.dtype}")
     free = scale_labels(equation)
-    w_labels = equation.replace(" ", "").partition("->")[0].partition(",")[2]
+    inputs, out_labels = equation.replace(" ", "").split("->")
+    x_labels, w_labels = inputs.split(",")
     expected = tuple(w.shape[w_labels.index(c)] for c in free)
     if tuple(scale.shape) != expected:
         raise ValueError(f"qeinsum({equation!r}): scale {tuple(scale.shape)} does not match the weight's output "
                          f"axes {expected} (w {tuple(w.shape)})")
+    contracted = w_labels[:len(w_labels) - len(free)]
+    scale = scale.astype(jnp.float32)
+    if w_labels == contracted + free and x_labels.endswith(contracted) \
+            and out_labels == x_labels[:len(x_labels) - len(contracted)] + free:
+        # x [..., K] @ w [K, N]: every projection of the model has its contracted axes first in the weight and last
+        # in x, so the product is one 2-d matmul, whose form is chosen by its shape.
+        k = int(np.prod(w.shape[:len(contracted)]))
+        n = int(np.prod(w.shape[len(contracted):]))
+        batch = x.shape[:x.ndim - len(contracted)]
+        y = int8_matmul(x.reshape(-1, k), w.reshape(k, n), scale.reshape(n))
+        return round_to(y.reshape(*batch, *w.shape[len(contracted):]), x.dtype)
     compute = jnp.promote_types(x.dtype, jnp.float32)
     y = jnp.einsum(equation, x.astype(compute), w.astype(compute), preferred_element_type=jnp.float32)
-    return round_to(y * scale.astype(jnp.float32), x.dtype)
+    return round_to(y * scale, x.dtype)
+
+
+def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
+    """f32 [m, n] = (x [m, k] @ q [k, n] int8) * scale [n], in the form XLA:CPU runs fastest at this shape
+    (benchmarks/quant_cpu.py)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+
+
+def scale_rows(out: jax.Array, rhs_scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """f32 [m, n]: a grouped matmul's unscaled f32 output (lhs @ q per group) times each row's group's scale
+    rhs_scale [g, n]; rows past sum(group_sizes) give zeros whatever out holds there."""
+    group, valid = row_groups(group_sizes, out.shape[0])
+    scaled = out.astype(jnp.float32) * rhs_scale.astype(jnp.float32)[group]
+    return jnp.where(valid[:, None], scaled, 0.0)
