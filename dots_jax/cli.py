@@ -23,6 +23,7 @@ from dots_jax.errors import UserError
 from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from dots_jax.ops.gmm import BACKENDS
+from dots_jax.ops.kv_int8 import KV_CACHE_DTYPES
 from dots_jax.weights.hf import resolve
 
 EXIT_USER_ERROR = 2
@@ -71,6 +72,13 @@ def add_attention_backend(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", choices=["auto", *sorted(ATTENTION_BACKENDS)], default="auto",
                         help="attention implementation; auto (default) lets dots_jax.ops.attention choose for the "
                              "device and sequence length")
+
+
+def add_kv_cache_dtype(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=None,
+                        help="dtype of the KV cache: int8 keeps keys and values in int8 with one f32 scale per token "
+                             "and head (dequantised when attention reads them; about half of bf16's bytes); "
+                             "default: the activation dtype (--dtype)")
 
 
 def add_distributed(parser: argparse.ArgumentParser, main_process_does: str) -> None:

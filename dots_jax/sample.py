@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the weights and activations (default float32)")
     cli.add_moe_backend(parser)
     cli.add_attention_backend(parser)
+    cli.add_kv_cache_dtype(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
                              "e.g. expert=8 or fsdp=4,expert=16 (the sizes must multiply to the device count); "
@@ -253,7 +254,8 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
         show_prompt(prompts[0], args.chat)
     start = time.perf_counter()
     output = generate(model, batch, max_new_tokens=max_new_tokens, stop_token_ids=sorted(stops),
-                      on_tokens=progress, mesh=args.mesh, **sampling_kwargs(args))
+                      on_tokens=progress, mesh=args.mesh, kv_cache_dtype=args.kv_cache_dtype,
+                      **sampling_kwargs(args))
     end = time.perf_counter()
 
     if progress.stream is not None:

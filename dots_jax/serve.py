@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "else no key)")
     parser.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                         help="dtype of the weights, activations and KV cache (default float32)")
+    cli.add_kv_cache_dtype(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model over a device mesh with axes data, fsdp, expert, tensor, e.g. "
                              "expert=8 (the sizes must multiply to the device count); default: one device")
@@ -159,7 +160,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         engine = Engine(model, tokenizer, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                         page_size=args.page_size, kv_pages=args.kv_pages, prefill_chunk=args.prefill_chunk,
-                        max_waiting=args.max_waiting, mesh=args.mesh)
+                        max_waiting=args.max_waiting, mesh=args.mesh, kv_cache_dtype=args.kv_cache_dtype)
     except ValueError as e:  # the engine names the setting (max_seq_len over the model's context, ...)
         raise UserError(f"{e}") from None
     log.info("engine: batch %d, %d tokens per sequence, %d KV pages of %d tokens", engine.max_batch,

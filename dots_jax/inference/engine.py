@@ -50,7 +50,7 @@ from dots_jax.inference.tokenizer import StreamDecoder, Tokenizer
 from dots_jax.model.cache import PagedKVCache, PageTable
 from dots_jax.model.modeling import Dots1ForCausalLM
 from dots_jax.ops.paged_attention import default_paged_backend
-from dots_jax.ops.ragged_paged import head_axes
+from dots_jax.ops.ragged_paged import INT8_KV_UNSUPPORTED, head_axes
 from dots_jax.parallel.cpu_tuning import tune_allocator
 from dots_jax.parallel.sharding import check_shardable, constrain, make_mesh, shard_state
 
@@ -274,7 +274,7 @@ class Engine:
     def __init__(self, model: Dots1ForCausalLM, tokenizer: Tokenizer | None = None, *, max_batch: int = 8,
                  max_seq_len: int | None = None, page_size: int = 16, kv_pages: int | None = None,
                  prefill_chunk: int = 256, max_waiting: int = 256, mesh: Mesh | None = None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", kv_cache_dtype: str | None = None):
         cfg = model.cfg
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.cfg, self.tokenizer, self.mesh = cfg, tokenizer, mesh
@@ -297,13 +297,18 @@ class Engine:
 
         tune_allocator()
         self.graphdef, self.state = nnx.split(model)
-        cache = PagedKVCache.create(cfg, num_pages, page_size, model.dtype)
+        # kv_cache_dtype "int8": int8 pages with a scale per token and head (dots_jax.ops.kv_int8).
+        if kv_cache_dtype is not None and self.backend == "ragged":
+            raise ValueError(INT8_KV_UNSUPPORTED)
+        cache = PagedKVCache.create(cfg, num_pages, page_size, model.dtype, kv_cache_dtype)
         if mesh is not None:
             check_shardable(cfg, mesh)
             self.state = shard_state(self.state, mesh)
-            # The pool split as the "ragged" kernel splits the heads (whole pages and rows on every device).
+            # The pool split as the "ragged" kernel splits the heads (whole pages and rows on every device); the
+            # scale pools [L, P, page, 2 * KV] likewise.
             heads = head_axes(dict(mesh.shape), cfg.num_key_value_heads) or None
-            cache = jax.device_put(cache, NamedSharding(mesh, P(None, None, None, heads, None)))
+            cache = jax.device_put(cache, jax.tree.map(
+                lambda x: NamedSharding(mesh, P(None, None, None, heads, *[None] * (x.ndim - 4))), cache))
         self.cache = cache
         self.pool = PagePool(num_pages)
 

@@ -159,6 +159,7 @@ def generate(
     stop_token_ids: Sequence[int] | None = None,
     on_tokens: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     mesh: Mesh | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> GenerateOutput:
     """Generate for a batch of prompts (text needs a tokenizer; token ids do not).
 
@@ -166,7 +167,8 @@ def generate(
     `on_tokens(step, tokens [B], active [B])` is called after every step (for streaming).
     With a `mesh` (dots_jax.parallel.sharding.make_mesh) the weights and the KV cache are split by the sharding table
     and every step runs under it (expert parallelism included); a mesh that cannot split the model is rejected
-    before anything compiles.
+    before anything compiles. `kv_cache_dtype="int8"` keeps the KV cache in int8 with a scale per token and head
+    (dots_jax.ops.kv_int8; None: the activation dtype).
     """
     sampling = SamplingParams(temperature, top_k, top_p, min_p)
     tune_allocator()
@@ -194,7 +196,8 @@ def generate(
     for i, row in enumerate(batch_ids):
         ids[i, :len(row)] = row
     valid = np.arange(prompt_len)[None, :] < lengths[:, None]
-    cache = KVCache.create(cfg, len(batch_ids), prompt_len + bucket_length(max_new_tokens), model.dtype)
+    cache = KVCache.create(cfg, len(batch_ids), prompt_len + bucket_length(max_new_tokens), model.dtype,
+                           kv_cache_dtype)
 
     graphdef, state = nnx.split(model)
     if mesh is not None:

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.cache import PageTable
+from dots_jax.model.cache import LayerStackCache, PageTable
 from dots_jax.model.layers import DType, RMSNorm, param
 from dots_jax.ops.attention import attention
-from dots_jax.ops.paged_attention import paged_attention, write_kv
+from dots_jax.ops.paged_attention import paged_attention, write_kv, write_kv_int8
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: DType) -> tuple[jax.Array, jax.Array]:
@@ -58,27 +58,31 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
-                 kv: tuple[jax.Array, jax.Array] | jax.Array | None = None, index: jax.Array | None = None,
-                 pages: PageTable | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | jax.Array | None]:
+                 kv: LayerStackCache | tuple[jax.Array, jax.Array | None] | None = None,
+                 index: jax.Array | None = None, pages: PageTable | None = None
+                 ) -> tuple[jax.Array, LayerStackCache | tuple[jax.Array, jax.Array | None] | None]:
         """x [B, S, H]; q_pos [B, S]; k_pos, key_valid [B, T]; window and q_offset as dots_jax.ops.attention
-        has them. Without a cache T = S; with one, this layer's cache kv ([B, T, KV, D] each) gets the new
-        keys/values written at slot `index` and is returned. With `pages`, kv is the layer stack's page pool
-        (dots_jax.model.cache.PagedKVCache), index this layer's number in it, and attention is
-        dots_jax.ops.paged_attention's (k_pos, key_valid and q_offset unused)."""
+        has them. Without a cache T = S; with one, this layer's cache kv (a LayerStackCache of [B, T, KV, D]) gets
+        the new keys/values written at slot `index` and is returned. With `pages`, kv is the layer stack's page
+        pool and its scale pool (None unless int8; dots_jax.model.cache.PagedKVCache), index this layer's number in
+        it, and attention is dots_jax.ops.paged_attention's (k_pos, key_valid and q_offset unused)."""
         dtype = x.dtype
         q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
         k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
         v = self._project(x, self.v_proj, self.v_bias)
         if pages is not None:
-            kv = write_kv(kv, k, v, pages.page_indices, pages.kv_lens, pages.q_lens, layer=index)
-            out = paged_attention(q, kv, pages.page_indices, pages.kv_lens, pages.q_lens,
-                                  window=window, backend=pages.backend, layer=index)
-            return self._output(out), kv
+            pool, scales = kv
+            table = (pages.page_indices, pages.kv_lens, pages.q_lens)
+            if scales is None:
+                pool = write_kv(pool, k, v, *table, layer=index)
+            else:
+                pool, scales = write_kv_int8(pool, scales, k, v, *table, layer=index)
+            out = paged_attention(q, pool, *table, window=window, backend=pages.backend, layer=index,
+                                  scale_pages=scales)
+            return self._output(out), (pool, scales)
         if kv is not None:
-            start = (0, index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
-            kv = (k, v)
+            kv = kv.write(k, v, index)
+            k, v = kv.read(dtype)
         out = attention(q, k.astype(dtype), v.astype(dtype), q_pos, k_pos, key_valid, window=window,
                         q_offset=q_offset, backend=self.backend)
         return self._output(out), kv

@@ -116,9 +116,10 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
-                 token_valid: jax.Array, kv: tuple[jax.Array, jax.Array] | jax.Array | None = None,
+                 token_valid: jax.Array, kv: LayerStackCache | tuple[jax.Array, jax.Array | None] | None = None,
                  index: jax.Array | None = None, pages: PageTable | None = None
-                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | jax.Array | None, RouterStats | None]:
+                 ) -> tuple[jax.Array, LayerStackCache | tuple[jax.Array, jax.Array | None] | None,
+                            RouterStats | None]:
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, k_pos, key_valid, window, q_offset,
                                   kv, index, pages)
         x = rounded_add(x, attn)
@@ -166,35 +167,37 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
-    kv_in = None if cache is None else (cache.k, cache.v)
-    x, (kv_out, stats) = jax.lax.scan(body, x, (state, scanned_windows, kv_in))
-    return x, None if cache is None else LayerStackCache(*kv_out), stats
+    # The cache is scanned as it is: each layer gets its own [B, T, KV, D] slices (and scales, if int8).
+    x, (cache, stats) = jax.lax.scan(body, x, (state, scanned_windows, cache))
+    return x, cache, stats
 
 
 def _run_paged_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
-                     positions: jax.Array, token_valid: jax.Array, pool: jax.Array | None, pages: PageTable
-                     ) -> tuple[jax.Array, jax.Array | None, RouterStats | None]:
-    """_run_stack over a paged cache: the stack's whole pool [layers, pages, ...] is carried through the scan and
-    each layer writes and reads its own pages in it by its layer number. A carried buffer is updated in place;
-    scanning the pool as a per-layer input and output instead makes XLA write a second pool, and any reshape or
-    slice of the carry made XLA:CPU copy it every step (a step's time then grows with the pool)."""
+                     positions: jax.Array, token_valid: jax.Array, pool: jax.Array | None, scales: jax.Array | None,
+                     pages: PageTable) -> tuple[jax.Array, jax.Array | None, jax.Array | None, RouterStats | None]:
+    """_run_stack over a paged cache: the stack's whole pool [layers, pages, ...] (and its scale pool, if int8) is
+    carried through the scan and each layer writes and reads its own pages in it by its layer number. A carried
+    buffer is updated in place; scanning the pool as a per-layer input and output instead makes XLA write a second
+    pool, and any reshape or slice of the carry made XLA:CPU copy it every step (a step's time then grows with the
+    pool)."""
     if stack is None:
-        return x, pool, None
+        return x, pool, scales, None
     graphdef, state = nnx.split(stack)
     layers = pool.shape[0]
     uniform = len(set(windows)) == 1
     scanned_windows = None if uniform else jnp.asarray(windows, jnp.int32)
 
-    def body(carry: tuple[jax.Array, jax.Array], layer_in: tuple) -> tuple[tuple[jax.Array, jax.Array], RouterStats]:
-        h, pool = carry
+    def body(carry: tuple, layer_in: tuple) -> tuple[tuple, RouterStats]:
+        h, kv = carry
         layer_state, window, layer = layer_in
         window = windows[0] if uniform else window
-        h, pool, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, None, None, window, None,
-                                                          token_valid, pool, layer, pages)
-        return (constrain(h, ACTIVATION), pool), stats
+        h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, positions, None, None, window, None,
+                                                        token_valid, kv, layer, pages)
+        return (constrain(h, ACTIVATION), kv), stats
 
-    (x, pool), stats = jax.lax.scan(body, (x, pool), (state, scanned_windows, jnp.arange(layers, dtype=jnp.int32)))
-    return x, pool, stats
+    (x, (pool, scales)), stats = jax.lax.scan(body, (x, (pool, scales)),
+                                              (state, scanned_windows, jnp.arange(layers, dtype=jnp.int32)))
+    return x, pool, scales, stats
 
 
 class Dots1ForCausalLM(nnx.Module):
@@ -294,11 +297,11 @@ class Dots1ForCausalLM(nnx.Module):
         cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         dense = range(cfg.num_dense_layers)
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
-        x, dense_pages, _ = _run_paged_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, valid,
-                                             cache.dense, pages)
-        x, moe_pages, stats = _run_paged_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, valid,
-                                               cache.moe, pages)
-        return self.norm(x), PagedKVCache(dense=dense_pages, moe=moe_pages), stats
+        x, dense_pages, dense_scale, _ = _run_paged_stack(self.dense_layers, x, self._windows(dense), cos, sin,
+                                                          positions, valid, cache.dense, cache.dense_scale, pages)
+        x, moe_pages, moe_scale, stats = _run_paged_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions,
+                                                          valid, cache.moe, cache.moe_scale, pages)
+        return self.norm(x), PagedKVCache(dense_pages, moe_pages, dense_scale, moe_scale), stats
 
     def head_weight(self) -> jax.Array:
         """The LM head [H, V] in the activation dtype (the embedding's transpose when tied)."""

@@ -40,14 +40,25 @@ __all__ = ["ragged_paged_attention"]
 KV_SLOTS_PER_BLOCK = 512
 QUERIES_PER_BLOCK = 32
 LANES = 128  # the kernel's head dim must be a multiple of the TPU's lane width
+# The kernel takes one static k_scale and v_scale for the whole pool, not a scale per token and head. Reading a scale
+# page beside each KV page works in the kernel (DMA, then a lane-masked column per head), but on TPU an f32 scale
+# pool [pages, page, 2 * KV] has XLA's default layout with the pages minor (its minor dim is far under 128 lanes),
+# and Mosaic needs it row-major: XLA then relays the whole pool out, 16x padded, before every layer's call.
+INT8_KV_UNSUPPORTED = (
+    "kv_cache_dtype='int8' is not supported by the 'ragged' paged attention backend (the TPU kernel, the serving "
+    "engine's default on TPU): it takes no per-token scales. Use the 'blocked' or 'reference' paged backend "
+    "(Engine(..., attention_backend='blocked')) or leave kv_cache_dtype unset")
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
-                           q_lens: jax.Array, window: int | jax.Array, layer: int | jax.Array | None = None
-                           ) -> jax.Array:
+                           q_lens: jax.Array, window: int | jax.Array, layer: int | jax.Array | None = None,
+                           scale_pages: jax.Array | None = None) -> jax.Array:
     """The "ragged" backend (see the module docstring). `window` must be a Python int: the kernel's mask is
     static. A stack's pool [L, P, ...] with `layer` is read as one pool of L * P pages (a view, not a copy), in
-    which the layer's pages are layer * P + its table's."""
+    which the layer's pages are layer * P + its table's. An int8 pool (scale_pages given) is refused: see
+    INT8_KV_UNSUPPORTED."""
+    if scale_pages is not None:
+        raise ValueError(INT8_KV_UNSUPPORTED)
     b, s, n, d = q.shape
     if layer is not None and kv_pages.ndim == 5:
         page_indices = page_indices + layer * kv_pages.shape[1]

@@ -261,15 +261,15 @@ def _divisible_or_none(size: int, axes: MeshAxes, mesh: Mesh | jax.sharding.Abst
 
 
 def cache_shardings(cache: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a KVCache (dots_jax.model.cache), by the rank of each array: k/v [L, B, T, KV, D] split
-    over the batch axes and the kv heads over tensor (each where it divides); positions/valid [B, T] over the batch
-    axes; the scalar index replicated."""
+    """NamedShardings for a KVCache (dots_jax.model.cache), by the rank of each array: k/v [L, B, T, KV, D] (and an
+    int8 cache's scales [L, B, T, KV]) split over the batch axes and the kv heads over tensor (each where it
+    divides); positions/valid [B, T] over the batch axes; the scalar index replicated."""
     rows = batch_axes(cache.positions.shape[0], mesh)
 
     def leaf(x: Any) -> NamedSharding:
-        if x.ndim == 5:
-            return NamedSharding(mesh, P(None, rows, None, _divisible_or_none(x.shape[3], RULES["kv_heads"], mesh),
-                                         None))
+        if x.ndim in (4, 5):
+            heads = _divisible_or_none(x.shape[3], RULES["kv_heads"], mesh)
+            return NamedSharding(mesh, P(None, rows, None, heads, *[None] * (x.ndim - 4)))
         if x.ndim == 2:
             return NamedSharding(mesh, P(rows, None))
         return NamedSharding(mesh, P())
