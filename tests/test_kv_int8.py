@@ -23,7 +23,7 @@ from flax import nnx
 from dots_jax.config import Dots1Config
 from dots_jax.demo import stdlib_glob
 from dots_jax.inference.engine import Engine, RequestParams
-from dots_jax.inference.generate import generate
+from dots_jax.inference.generate import SamplingParams, _decode_step, _prefill, bucket_length, generate
 from dots_jax.inference.tokenizer import Tokenizer
 from dots_jax.model.attention import Attention, rope_tables
 from dots_jax.model.cache import KVCache, LayerStackCache, PagedKVCache
@@ -179,23 +179,23 @@ def tiny(tmp_path_factory):
     return hf, save(hf, tmp_path_factory.mktemp("kv_int8") / "tiny")
 
 
+def takes_int8_weights() -> bool:
+    return "quantize" in inspect.signature(from_pretrained).parameters
+
+
 def int8_weights(path, **kwargs):
     """The checkpoint with int8 weights, or a skip while the model cannot quantise them."""
-    if "quantize" not in inspect.signature(from_pretrained).parameters:
+    if not takes_int8_weights():
         pytest.skip("int8 weights: from_pretrained(..., quantize='int8') is not there yet")
     return from_pretrained(str(path), dtype=jnp.float32, quantize="int8", **kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
-def _forward(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    return nnx.merge(graphdef, state)(ids, cache=cache)
-
-
 def test_generate_with_an_int8_cache_makes_transformers_greedy_choices(tiny) -> None:
-    """transformers' greedy continuations of 16 prompts, fed through an int8 cache (prefill, then one token per
-    decode step): our greedy choice equals transformers' at >= 95% of the positions. A flip is a near-tie of the
-    random model moved by the quantisation, after which free-running sequences part; so generate() must give each
-    row transformers' tokens up to its first flip, and there the int8 model's own choice."""
+    """transformers' greedy continuations of 16 prompts, fed through generate()'s own prefill and decode steps with
+    an int8 cache (teacher forcing: transformers' token goes in, our greedy choice comes out): our choice equals
+    transformers' at >= 95% of the positions. A flip is a near-tie of the random model moved by the quantisation,
+    after which free-running sequences part; so generate() must give each row transformers' tokens up to its first
+    flip, and there the int8 model's own choice."""
     hf, path = tiny
     model = from_pretrained(str(path), dtype=jnp.float32)
     rows, prompt, new = 16, 8, 24
@@ -203,20 +203,25 @@ def test_generate_with_an_int8_cache_makes_transformers_greedy_choices(tiny) -> 
     with torch_one_thread():
         ref = hf.generate(torch.tensor(prompts), attention_mask=torch.ones(rows, prompt, dtype=torch.long),
                           max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+    ours = generate(model, prompts.tolist(), max_new_tokens=new, stop_token_ids=[], kv_cache_dtype="int8").tokens
+
+    # generate()'s compiled steps at generate()'s shapes: a prompt bucket of 16, a cache of 16 + 32 slots.
     graphdef, state = nnx.split(model)
-    cache = KVCache.create(model.cfg, rows, prompt + new, jnp.float32, "int8")
-    logits, cache = _forward(graphdef, state, jnp.asarray(ref[:, :prompt]), cache)
-    choices = [np.asarray(logits[:, -1]).argmax(-1)]
-    for j in range(prompt, prompt + new - 1):  # teacher forcing: transformers' token goes in, our choice comes out
-        logits, cache = _forward(graphdef, state, jnp.asarray(ref[:, j:j + 1]), cache)
-        choices.append(np.asarray(logits[:, -1]).argmax(-1))
+    greedy, key = SamplingParams().as_arrays(), jax.random.key(0)
+    cache = KVCache.create(model.cfg, rows, bucket_length(prompt) + bucket_length(new), jnp.float32, "int8")
+    ids = np.pad(ref[:, :prompt], ((0, 0), (0, bucket_length(prompt) - prompt)))
+    valid = np.broadcast_to(np.arange(ids.shape[1]) < prompt, ids.shape)
+    choice, cache = _prefill(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.asarray(valid), cache, key, greedy)
+    choices = [np.asarray(choice)]
+    for j in range(prompt, prompt + new - 1):
+        choice, cache = _decode_step(graphdef, state, jnp.asarray(ref[:, j], jnp.int32), jnp.full(rows, j, jnp.int32),
+                                     cache, key, greedy)
+        choices.append(np.asarray(choice))
     choices = np.stack(choices, axis=1)
     agree = choices == ref[:, prompt:]
     print(f"int8 KV cache: transformers' greedy choice at {agree.sum()} of {agree.size} positions "
           f"({agree.mean():.1%})")
     assert agree.mean() >= 0.95
-
-    ours = generate(model, prompts.tolist(), max_new_tokens=new, stop_token_ids=[], kv_cache_dtype="int8").tokens
     for row, tokens in enumerate(ours):
         flip = int(np.argmin(agree[row])) if not agree[row].all() else new - 1
         assert tokens[:flip] == ref[row, prompt:prompt + flip].tolist()
@@ -272,12 +277,12 @@ ENGINE = dict(max_batch=4, page_size=8, prefill_chunk=32)
 PROMPT_LENGTHS, MAX_TOKENS = [3, 16, 9, 12], 10
 
 
-@pytest.mark.parametrize("weights", ["f32", "int8"])
-def test_engine_with_an_int8_cache_gives_generates_tokens(tiny, weights: str) -> None:
+def test_engine_with_an_int8_cache_gives_generates_tokens(tiny) -> None:
     """Greedy: the engine (paged int8 cache over pages of 8, prefill chunks of two rows) gives each prompt the
-    tokens generate() gives it with an int8 cache (dense), for the same model: f32 weights, and int8 weights."""
+    tokens generate() gives it with an int8 cache (dense), for the same model with int8 weights (the serving
+    configuration of issue 19; f32 weights where the model cannot quantise them: the cache paths are the same)."""
     _, path = tiny
-    model = from_pretrained(str(path), dtype=jnp.float32) if weights == "f32" else int8_weights(path)
+    model = int8_weights(path) if takes_int8_weights() else from_pretrained(str(path), dtype=jnp.float32)
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, model.cfg.vocab_size, n).tolist() for n in PROMPT_LENGTHS]
     expected = generate(model, prompts, max_new_tokens=MAX_TOKENS, stop_token_ids=[], kv_cache_dtype="int8").tokens
@@ -287,6 +292,17 @@ def test_engine_with_an_int8_cache_gives_generates_tokens(tiny, weights: str) ->
     assert engine.cache.moe.dtype == jnp.int8 and engine.cache.moe_scale.dtype == jnp.float32
     with pytest.raises(ValueError, match="not supported by the 'ragged'"):  # refused before anything compiles
         Engine(model, **ENGINE, kv_cache_dtype="int8", attention_backend="ragged")
+
+
+def test_command_lines_take_the_cache_dtype() -> None:
+    from dots_jax import sample, serve
+    from dots_jax.errors import UserError
+
+    for parser in (sample.build_parser(), serve.build_parser()):
+        assert parser.parse_args(["--kv-cache-dtype", "int8"]).kv_cache_dtype == "int8"
+        assert parser.parse_args([]).kv_cache_dtype is None
+        with pytest.raises(UserError, match="kv-cache-dtype"):
+            parser.parse_args(["--kv-cache-dtype", "int4"])
 
 
 def test_cache_dtype_is_checked() -> None:
