@@ -22,8 +22,9 @@ config of generate_cpu.py with random weights, saved as an HF directory with a 3
 Prompts are distinct for every request (so no prefix-cache hit helps the engine: the static batch has no cache to
 hit), of mixed lengths (--prompt-tokens, cycled), with --max-tokens cycled over the requests: by default a mix of
 short and long answers (8 to 128 tokens), as a chat service sees them, where a static batch holds every row until
-its longest finishes (a single value makes every answer as long, the static batch's best case). Greedy outputs are compared: the server's token ids against the static and transformers tokens
-of the same request (the fraction identical).
+its longest finishes (a single value makes every answer as long, the static batch's best case). Greedy outputs
+are compared: the server's token ids against the static and transformers tokens of the same request (the fraction
+identical).
 
 Then the decode step alone: the engine (dots_jax.inference.engine.Engine, in this process) with B sequences all
 decoding, time per Engine.step() at B = 1, 8, 16, 32, against transformers' forward of one token per row with its

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 
 __all__ = ["blocked_paged_attention"]
 
-KEY_SLOTS_PER_BLOCK = 128  # whole pages: a block past a row's last key is read and masked, so short rows want short blocks
+# Whole pages. A block past a row's last key is still read (and masked): short rows want short blocks.
+KEY_SLOTS_PER_BLOCK = 128
 
 
 def blocked_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
