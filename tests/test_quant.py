@@ -15,7 +15,7 @@ import pytest
 from test_grouped_matmul import assert_close, oracle_ffn, oracle_forward, oracle_grads
 
 from dots_jax.ops import gmm as grouped_matmul
-from dots_jax.ops.quant import dequantize, qeinsum, quantize_int8
+from dots_jax.ops.quant import chunk_rows, dequantize, qeinsum, quantize_int8
 from pallas_kernels import gmm as pallas_gmm
 
 F32_RTOL = 1e-5
@@ -29,6 +29,7 @@ WEIGHTS = {
     "q_proj": ((16, 4, 8), (0,)),
     "o_proj": ((4, 8, 16), (0, 1)),
     "mlp_down": ((24, 16), (0,)),
+    "wide": ((200, 600), (0,)),  # k = 200 > the decode form's chunk: whole chunks and a shorter last one
     "experts_gate": ((3, 16, 24), (1,)),
 }
 
@@ -106,6 +107,7 @@ QEINSUM_CASES = {
     "o_proj_prefill": ("bsnd,ndh->bsh", (2, 40, 4, 8), "o_proj", "bsh,ndh->bsnd"),
     "mlp_decode": ("...h,hi->...i", (3, 1, 24), "mlp_down", "...i,hi->...h"),
     "mlp_prefill": ("...h,hi->...i", (2, 40, 24), "mlp_down", "...i,hi->...h"),
+    "wide_decode": ("...h,hi->...i", (3, 1, 200), "wide", "...i,hi->...h"),
 }
 
 
@@ -125,6 +127,8 @@ def run_qeinsum(equation: str, x: np.ndarray, q, scale, d_out: np.ndarray) -> tu
 def test_qeinsum_matches_einsum_on_the_dequantised_weight(case: str, dtype) -> None:
     equation, x_shape, weight, grad_equation = QEINSUM_CASES[case]
     shape, axes = WEIGHTS[weight]
+    if case == "wide_decode":
+        assert 200 % chunk_rows(3, 200, 600) != 0  # the chunked loop runs, with a shorter last chunk
     q, scale = quantize_int8(jnp.asarray(random_weight(shape, axes, seed=1)), axes)
     rng = np.random.default_rng(2)
     x = rng.standard_normal(x_shape).astype(dtype)
@@ -168,18 +172,23 @@ def test_qeinsum_catches_a_scale_on_the_wrong_axis() -> None:
 # ------------------------------------------------------------------------------------------------ gmm
 
 
-GROUP_SIZES, M, K, N = [5, 0, 9, 6], 24, 32, 16  # an empty group and 4 rows past the end
+K, N = 32, 16
+# name: (group sizes, rows m). Both have empty groups and rows past the end. "decode" has m <= g, where the CPU
+# backends run one row per tile (cpu_loops.int8_row_tile); "prefill" has several rows per group.
+ROUTINGS = {"prefill": ([5, 0, 9, 6], 24), "decode": ([1, 0, 2, 0, 1, 0, 0, 1], 6)}
+GROUP_SIZES, M = ROUTINGS["prefill"]
 
 
-def gmm_inputs(k: int = K, n: int = N, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """lhs [M, k] (rows past the groups 1e3: a leak is obvious), int8 rhs [g, k, n] with its scale [g, n], the
+def gmm_inputs(k: int = K, n: int = N, seed: int = 0, routing: str = "prefill") -> tuple[np.ndarray, ...]:
+    """lhs [m, k] (rows past the groups 1e3: a leak is obvious), int8 rhs [g, k, n] with its scale [g, n], the
     dequantised rhs in float64, group sizes, and a random cotangent."""
+    group_sizes, m = ROUTINGS[routing]
     rng = np.random.default_rng(seed)
-    lhs = rng.standard_normal((M, k)).astype(np.float32)
-    lhs[sum(GROUP_SIZES):] = 1e3
-    q, scale = quantize_int8(jnp.asarray(random_weight((len(GROUP_SIZES), k, n), (1,), seed)), (1,))
-    d_out = rng.standard_normal((M, n)).astype(np.float32)
-    return lhs, q, scale, np_dequantize(q, scale, (1,)), np.asarray(GROUP_SIZES, np.int32), d_out
+    lhs = rng.standard_normal((m, k)).astype(np.float32)
+    lhs[sum(group_sizes):] = 1e3
+    q, scale = quantize_int8(jnp.asarray(random_weight((len(group_sizes), k, n), (1,), seed)), (1,))
+    d_out = rng.standard_normal((m, n)).astype(np.float32)
+    return lhs, q, scale, np_dequantize(q, scale, (1,)), np.asarray(group_sizes, np.int32), d_out
 
 
 def run_gmm(fn, lhs, q, scale, group_sizes, d_out) -> tuple[np.ndarray, np.ndarray]:
@@ -193,10 +202,16 @@ def run_gmm(fn, lhs, q, scale, group_sizes, d_out) -> tuple[np.ndarray, np.ndarr
     return np.asarray(out), np.asarray(d_lhs)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("backend", GMM_BACKENDS)
-def test_gmm_with_int8_rhs_matches_the_dequantised_reference(backend: str, dtype) -> None:
-    lhs, q, scale, rhs64, gs, d_out = gmm_inputs()
+# The interpreted Pallas kernel is slow: one case of it here (bf16 and a group offset in the next test).
+GMM_CASES = [(backend, routing, dtype) for backend in GMM_BACKENDS
+             for routing, dtype in (("prefill", np.float32), ("prefill", ml_dtypes.bfloat16), ("decode", np.float32))
+             if backend != "pallas" or (routing, dtype) == ("prefill", np.float32)]
+
+
+@pytest.mark.parametrize(("backend", "routing", "dtype"), GMM_CASES,
+                         ids=[f"{b}-{r}-{np.dtype(d).name}" for b, r, d in GMM_CASES])
+def test_gmm_with_int8_rhs_matches_the_dequantised_reference(backend: str, routing: str, dtype) -> None:
+    lhs, q, scale, rhs64, gs, d_out = gmm_inputs(routing=routing)
     lhs = lhs.astype(dtype)
     out, d_lhs = run_gmm(lambda a, b, g, s: grouped_matmul.gmm(a, b, g, backend=backend, rhs_scale=s),
                          lhs, q, scale, gs, d_out)
@@ -208,20 +223,24 @@ def test_gmm_with_int8_rhs_matches_the_dequantised_reference(backend: str, dtype
                                      lhs, q, scale, gs, d_out)
     assert_close(out, dense_out.astype(np.float64), rtol, f"{backend} out vs dense")
     assert_close(d_lhs, dense_d_lhs.astype(np.float64), rtol, f"{backend} d_lhs vs dense")
-    past = sum(GROUP_SIZES)
+    past = int(gs.sum())
     assert np.all(out[past:] == 0) and np.all(d_lhs[past:] == 0), "rows past the groups must be exactly zero"
 
 
 def test_pallas_kernels_with_int8_rhs_and_a_group_offset() -> None:
-    """The TPU and GPU kernels (interpreted) on an expert-parallel shard: groups 1..2 of 4, int8, with their scales."""
+    """The TPU and GPU kernels (interpreted) on an expert-parallel shard, groups 1..2 of 4, int8 with their scales,
+    f32 and bf16 rows."""
     lhs, q, scale, rhs64, gs, d_out = gmm_inputs()
     shard64 = rhs64.copy()
     shard64[[0, 3]] = 0.0  # rows of groups this shard does not own get zeros
-    for platform in ("tpu", "gpu"):
+    for platform, dtype in (("tpu", np.float32), ("gpu", ml_dtypes.bfloat16)):
+        rows = lhs.astype(dtype)
         out, d_lhs = run_gmm(lambda a, b, g, s, p=platform: pallas_gmm.gmm(
-            a, b[1:3], g, group_offset=1, rhs_scale=s[1:3], interpret=True, platform=p), lhs, q, scale, gs, d_out)
-        assert_close(out, oracle_forward(lhs, shard64, gs), F32_RTOL, f"{platform} out")
-        assert_close(d_lhs, oracle_grads(lhs, shard64, gs, d_out)[0], F32_RTOL, f"{platform} d_lhs")
+            a, b[1:3], g, group_offset=1, rhs_scale=s[1:3], interpret=True, platform=p), rows, q, scale, gs, d_out)
+        assert out.dtype == dtype and d_lhs.dtype == dtype
+        rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
+        assert_close(out, oracle_forward(rows, shard64, gs), rtol, f"{platform} out")
+        assert_close(d_lhs, oracle_grads(rows, shard64, gs, d_out)[0], rtol, f"{platform} d_lhs")
 
 
 def test_gmm_int8_arguments_are_checked_and_the_scale_is_a_constant() -> None:
@@ -256,21 +275,27 @@ def test_gmm_catches_a_scale_on_the_wrong_axis() -> None:
 # ------------------------------------------------------------------------------------------------ expert_ffn
 
 
-@pytest.mark.parametrize("backend", GMM_BACKENDS)
-def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend: str) -> None:
+# The decode routing matters to the CPU backends' row tiles; the interpreted Pallas kernel runs the prefill one.
+FFN_CASES = [(backend, routing) for backend in GMM_BACKENDS for routing in sorted(ROUTINGS)
+             if backend != "pallas" or routing == "prefill"]
+
+
+@pytest.mark.parametrize(("backend", "routing"), FFN_CASES)
+def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend: str, routing: str) -> None:
     hidden, inner = 32, 16
+    group_sizes, m = ROUTINGS[routing]
     rng = np.random.default_rng(3)
-    rows = rng.standard_normal((M, hidden)).astype(np.float32)
-    rows[sum(GROUP_SIZES):] = 1e3
-    g = len(GROUP_SIZES)
+    rows = rng.standard_normal((m, hidden)).astype(np.float32)
+    rows[sum(group_sizes):] = 1e3
+    g = len(group_sizes)
     # Scaled so that the pre-activations are O(1) (both regimes of SiLU).
     gate, up = (random_weight((g, hidden, inner), (1,), seed) / np.sqrt(hidden) for seed in (4, 5))
     down = random_weight((g, inner, hidden), (1,), 6) / np.sqrt(inner)
     quantised = [quantize_int8(jnp.asarray(w), (1,)) for w in (gate, up, down)]
     weights = tuple(q for q, _ in quantised)
     scales = tuple(s for _, s in quantised)
-    gs = np.asarray(GROUP_SIZES, np.int32)
-    d_out = rng.standard_normal((M, hidden)).astype(np.float32)
+    gs = np.asarray(group_sizes, np.int32)
+    d_out = rng.standard_normal((m, hidden)).astype(np.float32)
 
     def loss(x):
         out = grouped_matmul.expert_ffn(x, *weights, gs, backend=backend, scales=scales)
@@ -280,5 +305,5 @@ def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend:
     want = oracle_ffn(rows, *(np_dequantize(q, s, (1,)) for q, s in quantised), gs, d_out)
     assert_close(out, want[0], F32_RTOL, f"expert_ffn {backend} out")
     assert_close(d_rows, want[1], F32_RTOL, f"expert_ffn {backend} d_rows")
-    past = sum(GROUP_SIZES)
+    past = sum(group_sizes)
     assert np.all(np.asarray(out)[past:] == 0) and np.all(np.asarray(d_rows)[past:] == 0)

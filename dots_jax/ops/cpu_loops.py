@@ -18,7 +18,7 @@ import numpy as np
 from dots_jax.ops.common import check_shapes, round_to, row_groups, silu
 from dots_jax.ops.quant import scale_rows
 
-__all__ = ["expert_ffn_loop", "gmm_loop", "loop_row_tile"]
+__all__ = ["expert_ffn_loop", "gmm_loop", "int8_row_tile", "loop_row_tile"]
 
 # ---------------------------------------------------------------------------------------------------------
 # "loop"
@@ -55,6 +55,14 @@ def loop_row_tile(m: int, g: int) -> int:
     half_mean = max(1, -(-mean_group // 2))
     tile = 1 << (half_mean - 1).bit_length()  # the smallest power of two >= half_mean
     return int(min(max(tile, 16), 64))
+
+
+def int8_row_tile(m: int, g: int) -> int:
+    """Row tile T with int8 weights: 1 at decode sizes (m <= g rows, about one row per group), else loop_row_tile.
+    Each tile converts its group's int8 block, so with groups of a row or two a 16-row tile is nearly all padding
+    multiplied at f32 cost; one row per tile measured 2x faster than the gathered f32 product at one token (6 rows,
+    64 experts) and 2x faster than 16-row tiles at 8 tokens (benchmarks/quant_cpu.py)."""
+    return 1 if m <= g else loop_row_tile(m, g)
 
 
 def _tile_layout(group_sizes: jax.Array, m: int, tile: int) -> _TileLayout:
@@ -193,14 +201,15 @@ def gmm_loop(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, preferred_e
     """Tiled loop backend. `tile` overrides loop_row_tile(m, g) (tests and benchmarks use it).
 
     With rhs_scale [g, n], rhs is int8: each tile converts its group's int8 [k, n] block to f32 for its
-    matmul, the f32 output is scaled per row by its group's scale, and rounded once. The int8 rhs gets no
-    gradient; the scale gets its ordinary one (the scaling is plain jnp, outside the loop).
+    matmul, the f32 output is scaled per row by its group's scale, and rounded once; the default tile is then
+    int8_row_tile(m, g). The int8 rhs gets no gradient; the scale gets its ordinary one (the scaling is plain jnp,
+    outside the loop).
 
     Differentiable once (custom VJP; its backward is itself a loop with a traced trip count, so there is no
     second derivative).
     """
     if tile is None:
-        tile = loop_row_tile(lhs.shape[0], rhs.shape[0])
+        tile = (loop_row_tile if rhs_scale is None else int8_row_tile)(lhs.shape[0], rhs.shape[0])
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
     if rhs_scale is None:
@@ -237,7 +246,8 @@ def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.A
     checked). Rows at or past sum(group_sizes) give zeros (and a zero row gradient). Returns [m, H] in
     rows.dtype; the weights are cast to rows.dtype first, as ops.gmm.expert_ffn does for gmm. Equal to
     gmm(silu(gmm(rows, gate)) * gmm(rows, up), down) with the "loop" backend, in one loop over the row tiles
-    forward and one backward (custom VJP; differentiable once). `tile` overrides loop_row_tile(m, g).
+    forward and one backward (custom VJP; differentiable once). `tile` overrides loop_row_tile(m, g) (with scales:
+    int8_row_tile(m, g)).
 
     scales = (gate_scale [g, I], up_scale [g, I], down_scale [g, H]): the weights are int8 and each product is
     scaled per output column (ops.quant's per-channel scheme). The int8 weights get no gradient and the scales a
@@ -265,7 +275,7 @@ def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.A
                              f"output axes), got {[tuple(scale.shape) for scale in scales]}")
     m, num_groups = rows.shape[0], gate.shape[0]
     if tile is None:
-        tile = loop_row_tile(m, num_groups)
+        tile = (loop_row_tile if scales is None else int8_row_tile)(m, num_groups)
     if tile < 1:
         raise ValueError(f"tile must be positive, got {tile}")
     if m == 0 or num_groups == 0:

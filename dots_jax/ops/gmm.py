@@ -28,9 +28,11 @@ All backends accumulate in f32 and cast once to the output dtype.
 
 int8 rhs (weight-only quantisation, ops.quant): gmm(..., rhs_scale=) with rhs int8 [g, k, n] and rhs_scale f32
 [g, n], one scale per group and output column. "dense" dequantises the whole rhs up front (the reference); every
-other backend reads the int8 rhs, converts it where it multiplies (per gathered row, per tile, in VMEM or in
-registers) and scales the f32 output per row by its group's scale, rounding once. The int8 rhs has no gradient
-and its scale is a constant (stop_gradient: a zero cotangent); lhs gradients are exact.
+other backend reads the int8 rhs, converts it where it multiplies (per tile on CPU, in VMEM or in registers in the
+Pallas kernels) and scales the f32 output per row by its group's scale, rounding once. With an int8 rhs "gather"
+runs as "loop" with one row per tile (cpu_loops.int8_row_tile), which reads the same chosen matrices without
+writing out f32 copies of them. The int8 rhs has no gradient and its scale is a constant (stop_gradient: a zero
+cotangent); lhs gradients are exact.
 """
 
 from __future__ import annotations
@@ -149,9 +151,10 @@ def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     else:
         scales = (None, None, None)
         weights = tuple(w.astype(dtype) for w in (gate, up, down))
-    if backend == "loop":
+    if backend == "loop" or (backend == "gather" and scales[0] is not None):
         # The same computation fused into one loop over row tiles forward and one backward, instead of three
-        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
+        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls. With int8
+        # weights "gather" runs here too, one row per tile (see gmm_gather).
         return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales)
     h_gate = gmm(rows, weights[0], group_sizes, backend=backend, rhs_scale=scales[0])
     h_up = gmm(rows, weights[1], group_sizes, backend=backend, rhs_scale=scales[1])
@@ -203,12 +206,12 @@ def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     """out[i] = lhs[i] @ rhs[group of row i]: gathers one weight matrix per row, so it reads only the experts
     some row chose. For decode-sized m (a few rows per step, m <= g) that is the least memory traffic of all
     backends, and it is one batched matmul with no loop; for large m it copies m matrices: use "loop"."""
-    group, valid = row_groups(group_sizes, lhs.shape[0])
     if rhs_scale is not None:
-        # The int8 rows are gathered, then converted (XLA fuses the two): one int8 read of each chosen matrix.
-        out = jnp.einsum("mk,mkn->mn", lhs.astype(jnp.float32), rhs[group].astype(jnp.float32),
-                         preferred_element_type=jnp.float32)
-        return round_to(jnp.where(valid[:, None], out * rhs_scale[group], 0.0), preferred_element_type)
+        # An int8 rhs: gathered and converted, the m matrices would be written out in f32 and read again (XLA:CPU
+        # does not fuse a convert into a dot); the loop backend at one row per tile (int8_row_tile at 2m <= g)
+        # reads the same chosen int8 matrices one at a time, and measured 2x faster (benchmarks/quant_cpu.py).
+        return gmm_loop(lhs, rhs, group_sizes, preferred_element_type, rhs_scale=rhs_scale)
+    group, valid = row_groups(group_sizes, lhs.shape[0])
     # The weights are gathered in f32: the gather's gradient scatter-adds one [k, n] product per row into rhs's
     # gradient, and in bf16 each addition rounds (a bf16 d_rhs entry measured 4x off its float64 value); in f32 it
     # is rounded once. XLA converts only the gathered rows, and a product of bf16 values is exact in f32.

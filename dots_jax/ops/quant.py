@@ -15,6 +15,8 @@ n outputs instead of k * n weights.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,11 +115,96 @@ def qeinsum(equation: str, x: jax.Array, w: jax.Array, scale: jax.Array | None) 
     return round_to(y * scale, x.dtype)
 
 
+# XLA:CPU does not fuse a convert into a dot: dot(x, q.astype(f32)) first writes an f32 copy of the whole weight
+# (4 bytes per weight, plus page faults on the fresh buffer), then reads it, and at decode sizes runs 10x slower than
+# the f32 product it replaces; a multiply-reduce that reads int8 in one loop is slower still (a strided column
+# reduction). At decode sizes the product therefore runs over chunks of the weight's rows: each chunk is converted
+# into a small buffer that stays in cache and multiplied at once (benchmarks/quant_cpu.py). At prefill sizes the
+# matmul is compute-bound and one conversion of the whole weight is the cheaper form.
+CHUNKED_MAX_ROWS = 64  # x rows up to which the chunked form runs
+CHUNK_ELEMENTS = 1 << 16  # a chunk's f32 buffer: 256 KiB, a quarter of this machine's L2 per core
+
+
+def chunk_rows(m: int, k: int, n: int) -> int:
+    """Weight rows per chunk for an [m, k] @ [k, n] int8 product: k (one conversion) past CHUNKED_MAX_ROWS rows of
+    x; else a power of two in [16, 128], at least CHUNK_ELEMENTS / n and at least 2m (so that the [m, n]
+    accumulator's traffic stays below the chunk's)."""
+    if m > CHUNKED_MAX_ROWS:
+        return k
+    by_size = 1 << max(0, (CHUNK_ELEMENTS // n).bit_length() - 1)  # the largest power of two <= CHUNK_ELEMENTS / n
+    by_rows = 1 << (2 * m - 1).bit_length()  # the smallest power of two >= 2m
+    return min(k, 128, max(16, by_size, by_rows))
+
+
+def _chunks(k: int, chunk: int) -> tuple[int, int]:
+    """(number of whole chunks, rows left over for one last, shorter product)."""
+    return k // chunk, k % chunk
+
+
+def _product(x: jax.Array, q: jax.Array, chunk: int) -> jax.Array:
+    """f32 x [m, k] @ q [k, n] (int8), converting chunk rows of q at a time."""
+    count, tail = _chunks(q.shape[0], chunk)
+    if count <= 1 and not tail or chunk >= q.shape[0]:
+        return jnp.dot(x, q.astype(jnp.float32), preferred_element_type=jnp.float32)
+
+    def step(i: jax.Array, acc: jax.Array) -> jax.Array:
+        xs = jax.lax.dynamic_slice_in_dim(x, i * chunk, chunk, axis=1)
+        qs = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, axis=0)
+        return acc + jnp.dot(xs, qs.astype(jnp.float32), preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, count, step, jnp.zeros((x.shape[0], q.shape[1]), jnp.float32))
+    if tail:
+        acc += jnp.dot(x[:, count * chunk:], q[count * chunk:].astype(jnp.float32), preferred_element_type=jnp.float32)
+    return acc
+
+
+def _product_transposed(dy: jax.Array, q: jax.Array, chunk: int) -> jax.Array:
+    """f32 dy [m, n] @ q^T [n, k] (int8 q [k, n]), converting chunk rows of q at a time: the gradient of _product."""
+    count, tail = _chunks(q.shape[0], chunk)
+    if count <= 1 and not tail or chunk >= q.shape[0]:
+        return jnp.einsum("mn,kn->mk", dy, q.astype(jnp.float32), preferred_element_type=jnp.float32)
+
+    def step(i: jax.Array, dx: jax.Array) -> jax.Array:
+        qs = jax.lax.dynamic_slice_in_dim(q, i * chunk, chunk, axis=0)
+        part = jnp.einsum("mn,kn->mk", dy, qs.astype(jnp.float32), preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(dx, part, i * chunk, axis=1)
+
+    dx = jax.lax.fori_loop(0, count, step, jnp.zeros((dy.shape[0], q.shape[0]), jnp.float32))
+    if tail:
+        part = jnp.einsum("mn,kn->mk", dy, q[count * chunk:].astype(jnp.float32), preferred_element_type=jnp.float32)
+        dx = dx.at[:, count * chunk:].set(part)
+    return dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, chunk: int) -> jax.Array:
+    return _product(x, q, chunk) * scale
+
+
+def _int8_matmul_fwd(x: jax.Array, q: jax.Array, scale: jax.Array, chunk: int
+                     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    # The residuals are the int8 weight and the unscaled output, never an f32 copy of the weight (which autodiff of
+    # dot(x, q.astype(f32)) would keep: LoRA on an int8 base would hold the f32 model for its backward pass).
+    y = _product(x, q, chunk)
+    return y * scale, (q, scale, y)
+
+
+def _int8_matmul_bwd(chunk: int, residuals: tuple[jax.Array, jax.Array, jax.Array], d_out: jax.Array
+                     ) -> tuple[jax.Array, None, jax.Array]:
+    q, scale, y = residuals
+    d_out = d_out.astype(jnp.float32)
+    d_x = _product_transposed(d_out * scale, q, chunk)
+    return d_x, None, jnp.sum(y * d_out, axis=0)  # the int8 weight: no cotangent
+
+
+_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+
+
 def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array) -> jax.Array:
-    """f32 [m, n] = (x [m, k] @ q [k, n] int8) * scale [n], in the form XLA:CPU runs fastest at this shape
-    (benchmarks/quant_cpu.py)."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    return jnp.dot(x, q.astype(x.dtype), preferred_element_type=jnp.float32) * scale
+    """f32 [m, n] = (x [m, k] @ q [k, n] int8) * scale [n], in the form XLA:CPU runs fastest at this shape (see
+    chunk_rows). Differentiable in x and scale; the products are f32 (exact for int8 times bf16 or f32 values)."""
+    m, k = x.shape
+    return _int8_matmul(x.astype(jnp.float32), q, scale.astype(jnp.float32), chunk_rows(m, k, q.shape[1]))
 
 
 def scale_rows(out: jax.Array, rhs_scale: jax.Array, group_sizes: jax.Array) -> jax.Array:
