@@ -9,9 +9,10 @@ from flax import nnx
 
 from dots_jax.config import Dots1Config
 from dots_jax.model.cache import LayerStackCache, PageTable
-from dots_jax.model.layers import DType, RMSNorm, param
+from dots_jax.model.layers import DType, RMSNorm, check_quantize, linear, param, read
 from dots_jax.ops.attention import attention
 from dots_jax.ops.paged_attention import paged_attention, write_kv, write_kv_int8
+from dots_jax.ops.quant import qeinsum
 
 
 def rope_tables(positions: jax.Array, head_dim: int, theta: float, dtype: DType) -> tuple[jax.Array, jax.Array]:
@@ -32,15 +33,23 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(nnx.Module):
     """Qwen3-style attention: q/k RMSNorm over the head dim before RoPE; GQA; optional sliding window."""
 
-    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, backend: str, rngs: nnx.Rngs,
+                 quantize: str | None = None):
+        """quantize "int8": q/k/v/o are int8 with per-output-channel scales q_proj_scale .. o_proj_scale
+        (dots_jax.model.layers.linear); None: they are in param_dtype and the scales are None."""
         h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         std = cfg.initializer_range
         self.num_heads, self.num_kv_heads, self.head_dim = n, kv, d
         self.backend = backend
-        self.q_proj = param(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), param_dtype, std=std)
-        self.k_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
-        self.v_proj = param(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
-        self.o_proj = param(rngs, (n, d, h), ("q_heads", "head_dim", "embed"), param_dtype, std=std)
+        quantize = check_quantize(quantize)
+        self.q_proj, self.q_proj_scale = linear(rngs, (h, n, d), ("embed", "q_heads", "head_dim"), param_dtype,
+                                                name="q_proj", quantize=quantize, std=std)
+        self.k_proj, self.k_proj_scale = linear(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype,
+                                                name="k_proj", quantize=quantize, std=std)
+        self.v_proj, self.v_proj_scale = linear(rngs, (h, kv, d), ("embed", "kv_heads", "head_dim"), param_dtype,
+                                                name="v_proj", quantize=quantize, std=std)
+        self.o_proj, self.o_proj_scale = linear(rngs, (n, d, h), ("q_heads", "head_dim", "embed"), param_dtype,
+                                                name="o_proj", quantize=quantize, std=std)
         if cfg.attention_bias:
             zeros = jax.nn.initializers.zeros
             self.q_bias = param(rngs, (n, d), ("q_heads", "head_dim"), param_dtype, init=zeros)
@@ -52,8 +61,8 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim", rngs=rngs)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, axis_name="head_dim", rngs=rngs)
 
-    def _project(self, x: jax.Array, w: nnx.Param, b: nnx.Param | None) -> jax.Array:
-        y = jnp.einsum("bsh,hnd->bsnd", x, w[...].astype(x.dtype))
+    def _project(self, x: jax.Array, w: nnx.Param, scale: nnx.Param | None, b: nnx.Param | None) -> jax.Array:
+        y = qeinsum("bsh,hnd->bsnd", x, w[...], read(scale))
         return y if b is None else y + b[...].astype(x.dtype)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
@@ -67,9 +76,9 @@ class Attention(nnx.Module):
         pool and its scale pool (None unless int8; dots_jax.model.cache.PagedKVCache), index this layer's number in
         it, and attention is dots_jax.ops.paged_attention's (k_pos, key_valid and q_offset unused)."""
         dtype = x.dtype
-        q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_bias)), cos, sin)
-        k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_bias)), cos, sin)
-        v = self._project(x, self.v_proj, self.v_bias)
+        q = apply_rope(self.q_norm(self._project(x, self.q_proj, self.q_proj_scale, self.q_bias)), cos, sin)
+        k = apply_rope(self.k_norm(self._project(x, self.k_proj, self.k_proj_scale, self.k_bias)), cos, sin)
+        v = self._project(x, self.v_proj, self.v_proj_scale, self.v_bias)
         if pages is not None:
             pool, scales = kv
             table = (pages.page_indices, pages.kv_lens, pages.q_lens)
@@ -89,6 +98,6 @@ class Attention(nnx.Module):
 
     def _output(self, out: jax.Array) -> jax.Array:
         dtype = out.dtype
-        y = jnp.einsum("bsnd,ndh->bsh", out, self.o_proj[...].astype(dtype))
+        y = qeinsum("bsnd,ndh->bsh", out, self.o_proj[...], read(self.o_proj_scale))
         return y if self.o_bias is None else y + self.o_bias[...].astype(dtype)
 

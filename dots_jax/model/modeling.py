@@ -18,11 +18,12 @@ from flax import nnx
 from dots_jax.config import Dots1Config
 from dots_jax.model.attention import Attention, rope_tables
 from dots_jax.model.cache import KVCache, LayerStackCache, PagedKVCache, PageTable
-from dots_jax.model.layers import DType, RMSNorm, param
+from dots_jax.model.layers import CONTRACTED, DType, RMSNorm, check_quantize, linear, param, read
 from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats
 from dots_jax.ops.attention import NO_WINDOW
 from dots_jax.ops.common import round_to, silu
 from dots_jax.ops.paged_attention import slot_positions
+from dots_jax.ops.quant import dequantize, qeinsum
 from dots_jax.parallel.sharding import constrain, current_mesh
 
 ACTIVATION = ("batch", "seq", "act_embed")  # logical axes of the residual stream [B, S, H]
@@ -37,21 +38,25 @@ class MLP(nnx.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). Used for the dense layers and for the shared experts."""
 
     def __init__(self, hidden: int, width: int, *, axis_name: str, std: float, param_dtype: DType,
-                 rngs: nnx.Rngs):
-        self.gate_proj = param(rngs, (hidden, width), ("embed", axis_name), param_dtype, std=std)
-        self.up_proj = param(rngs, (hidden, width), ("embed", axis_name), param_dtype, std=std)
-        self.down_proj = param(rngs, (width, hidden), (axis_name, "embed"), param_dtype, std=std)
+                 rngs: nnx.Rngs, quantize: str | None = None):
+        self.gate_proj, self.gate_proj_scale = linear(rngs, (hidden, width), ("embed", axis_name), param_dtype,
+                                                      name="gate_proj", quantize=quantize, std=std)
+        self.up_proj, self.up_proj_scale = linear(rngs, (hidden, width), ("embed", axis_name), param_dtype,
+                                                  name="up_proj", quantize=quantize, std=std)
+        self.down_proj, self.down_proj_scale = linear(rngs, (width, hidden), (axis_name, "embed"), param_dtype,
+                                                      name="down_proj", quantize=quantize, std=std)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        h = silu(x @ self.gate_proj[...].astype(dtype)) * (x @ self.up_proj[...].astype(dtype))
-        return h @ self.down_proj[...].astype(dtype)
+        h = (silu(qeinsum("...h,hi->...i", x, self.gate_proj[...], read(self.gate_proj_scale)))
+             * qeinsum("...h,hi->...i", x, self.up_proj[...], read(self.up_proj_scale)))
+        return qeinsum("...i,ih->...h", h, self.down_proj[...], read(self.down_proj_scale))
 
 
 class MoE(nnx.Module):
     """Routed experts (sigmoid router, top-k, dropless) plus the shared experts, which are not scaled."""
 
-    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, moe_backend: str, rngs: nnx.Rngs):
+    def __init__(self, cfg: Dots1Config, *, param_dtype: DType, moe_backend: str, rngs: nnx.Rngs,
+                 quantize: str | None = None):
         h, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         std = cfg.initializer_range
         self.cfg = cfg
@@ -59,12 +64,16 @@ class MoE(nnx.Module):
         self.router = param(rngs, (h, e), ("embed", None), param_dtype, std=std)
         self.correction_bias = RouterBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
                                           eager_sharding=False)
-        self.gate_proj = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), param_dtype, std=std)
-        self.up_proj = param(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), param_dtype, std=std)
-        self.down_proj = param(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), param_dtype, std=std)
+        # The routed experts, per expert and output channel when quantised: gate/up scales [E, I], down [E, H].
+        self.gate_proj, self.gate_proj_scale = linear(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), param_dtype,
+                                                      name="gate_proj", quantize=quantize, std=std)
+        self.up_proj, self.up_proj_scale = linear(rngs, (e, h, i), ("expert", "embed", "moe_mlp"), param_dtype,
+                                                  name="up_proj", quantize=quantize, std=std)
+        self.down_proj, self.down_proj_scale = linear(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), param_dtype,
+                                                      name="down_proj", quantize=quantize, std=std)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(h, cfg.shared_intermediate_size, axis_name="mlp", std=std,
-                                      param_dtype=param_dtype, rngs=rngs)
+                                      param_dtype=param_dtype, rngs=rngs, quantize=quantize)
         else:
             self.shared_experts = None
 
@@ -80,13 +89,16 @@ class MoE(nnx.Module):
         weights, experts, logits = self.router_outputs(x)
         args = (x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...], self.up_proj[...],
                 self.down_proj[...])
+        scales = None
+        if self.gate_proj_scale is not None:
+            scales = (self.gate_proj_scale[...], self.up_proj_scale[...], self.down_proj_scale[...])
         mesh = current_mesh()
         # Under any multi-device mesh, even one without an expert axis: Mosaic (Pallas TPU) kernels cannot be
         # partitioned by XLA, only run per device inside shard_map.
         if mesh is not None and mesh.size > 1:
-            routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend)
+            routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend, scales=scales)
         else:
-            routed = moe_experts(*args, backend=self.moe_backend)
+            routed = moe_experts(*args, backend=self.moe_backend, scales=scales)
         out = routed.reshape(x.shape)
         b, s = x.shape[:2]
         stats = routing_stats(logits.reshape(b, s, -1), experts.reshape(b, s, -1), token_valid)
@@ -101,18 +113,19 @@ def rounded_add(x: jax.Array, y: jax.Array) -> jax.Array:
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Dots1Config, *, moe: bool, param_dtype: DType, moe_backend: str,
-                 attention_backend: str, rngs: nnx.Rngs):
+                 attention_backend: str, rngs: nnx.Rngs, quantize: str | None = None):
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype, axis_name="embed",
                                        rngs=rngs)
-        self.self_attn = Attention(cfg, param_dtype=param_dtype, backend=attention_backend, rngs=rngs)
+        self.self_attn = Attention(cfg, param_dtype=param_dtype, backend=attention_backend, rngs=rngs,
+                                   quantize=quantize)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype,
                                                 axis_name="embed", rngs=rngs)
         if moe:
-            self.mlp = MoE(cfg, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs)
+            self.mlp = MoE(cfg, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs, quantize=quantize)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, axis_name="mlp", std=cfg.initializer_range,
-                           param_dtype=param_dtype, rngs=rngs)
+                           param_dtype=param_dtype, rngs=rngs, quantize=quantize)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
@@ -201,30 +214,41 @@ def _run_paged_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int
 
 
 class Dots1ForCausalLM(nnx.Module):
-    """logits = model(input_ids): int32 [batch, seq] -> [batch, seq, vocab] in the activation dtype."""
+    """logits = model(input_ids): int32 [batch, seq] -> [batch, seq, vocab] in the activation dtype.
+
+    quantize="int8": weight-only int8 for every linear layer (attention q/k/v/o, the dense and shared MLPs, the
+    routed experts), each an int8 nnx.Param under its usual name and logical axes with a sibling f32 `<name>_scale`
+    per output channel (dots_jax.ops.quant); the embedding, norms, router, correction bias and biases stay as they
+    are. quantize_head=True quantises the LM head too (an untied one only; off by default)."""
 
     def __init__(self, cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                 moe_backend: str = "auto", attention_backend: str = "auto", rngs: nnx.Rngs):
+                 moe_backend: str = "auto", attention_backend: str = "auto", rngs: nnx.Rngs,
+                 quantize: str | None = None, quantize_head: bool = False):
         param_dtype = param_dtype or dtype
         std = cfg.initializer_range
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.quantize = check_quantize(quantize)
+        if quantize_head and quantize is None:
+            raise ValueError("quantize_head=True needs quantize (e.g. quantize='int8')")
+        self.quantize_head = bool(quantize_head) and not cfg.tie_word_embeddings
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype,
                                    std=std)
 
         def layer(moe: bool) -> Callable[[nnx.Rngs], DecoderLayer]:
             return lambda r: DecoderLayer(cfg, moe=moe, param_dtype=param_dtype, moe_backend=moe_backend,
-                                          attention_backend=attention_backend, rngs=r)
+                                          attention_backend=attention_backend, rngs=r, quantize=quantize)
 
         self.dense_layers = _layer_stack(cfg.num_dense_layers, layer(False), rngs)
         self.moe_layers = _layer_stack(cfg.num_moe_layers, layer(True), rngs)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, axis_name="embed",
                             rngs=rngs)
         if cfg.tie_word_embeddings:
-            self.lm_head = None
+            self.lm_head = self.lm_head_scale = None
         else:
-            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype,
-                                  std=std)
+            self.lm_head, self.lm_head_scale = linear(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                                                      param_dtype, name="lm_head",
+                                                      quantize=quantize if self.quantize_head else None, std=std)
 
     def _windows(self, layers: range) -> list[int]:
         return [self.cfg.layer_window(i) or NO_WINDOW for i in layers]
@@ -304,9 +328,13 @@ class Dots1ForCausalLM(nnx.Module):
         return self.norm(x), PagedKVCache(dense_pages, moe_pages, dense_scale, moe_scale), stats
 
     def head_weight(self) -> jax.Array:
-        """The LM head [H, V] in the activation dtype (the embedding's transpose when tied)."""
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return head.astype(self.dtype)
+        """The LM head [H, V] in the activation dtype (the embedding's transpose when tied; dequantised when
+        quantised)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].T.astype(self.dtype)
+        if self.lm_head_scale is None:
+            return self.lm_head[...].astype(self.dtype)
+        return dequantize(self.lm_head[...], self.lm_head_scale[...], CONTRACTED["lm_head"], self.dtype)
 
     def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
                 attention_mask: jax.Array | None = None, cache: KVCache | None = None
@@ -318,28 +346,35 @@ class Dots1ForCausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """The LM head: final-norm hidden states [..., H] -> logits [..., vocab]."""
+        if self.lm_head_scale is not None:
+            return qeinsum("...h,hv->...v", hidden, self.lm_head[...], self.lm_head_scale[...])
         return hidden @ self.head_weight()
 
 
 def abstract_model(cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                   moe_backend: str = "auto", attention_backend: str = "auto", seed: int = 0) -> Dots1ForCausalLM:
+                   moe_backend: str = "auto", attention_backend: str = "auto", seed: int = 0,
+                   quantize: str | None = None, quantize_head: bool = False) -> Dots1ForCausalLM:
     """The model with ShapeDtypeStructs for weights: its structure, shapes and dtypes, no array computed (what a
     loader fills, a planner compiles, a checkpoint restores into)."""
     return nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
                                                    moe_backend=moe_backend, attention_backend=attention_backend,
-                                                   rngs=nnx.Rngs(seed)))
+                                                   rngs=nnx.Rngs(seed), quantize=quantize,
+                                                   quantize_head=quantize_head))
 
 
 def random_model(cfg: Dots1Config, seed: int, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
-                 moe_backend: str = "auto", attention_backend: str = "auto") -> Dots1ForCausalLM:
+                 moe_backend: str = "auto", attention_backend: str = "auto", quantize: str | None = None,
+                 quantize_head: bool = False) -> Dots1ForCausalLM:
     """A randomly initialised model, its init compiled as one program at XLA's lowest optimisation level: it
     runs once, and compiled optimised, or op by op as eager init does, it takes 15+ s on a small CPU (~2 s this
-    way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers."""
-    def make() -> Dots1ForCausalLM:
-        return Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                                attention_backend=attention_backend, rngs=nnx.Rngs(seed))
+    way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers. With quantize, the
+    linear weights are an f32 model's random draws for the seed, quantised."""
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, attention_backend=attention_backend,
+                  quantize=quantize, quantize_head=quantize_head)
 
-    graphdef, _ = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                                           attention_backend=attention_backend, seed=seed))
+    def make() -> Dots1ForCausalLM:
+        return Dots1ForCausalLM(cfg, rngs=nnx.Rngs(seed), **kwargs)
+
+    graphdef, _ = nnx.split(abstract_model(cfg, seed=seed, **kwargs))
     init = jax.jit(lambda: nnx.state(make())).lower().compile({"xla_backend_optimization_level": 0})
     return nnx.merge(graphdef, init())

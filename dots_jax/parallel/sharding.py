@@ -50,6 +50,13 @@ RULES: dict[str, MeshAxes] = {
 # fmt: on
 
 
+def scale_axes(axes: Sequence[str | None], contracted: Sequence[int]) -> tuple[str | None, ...]:
+    """The logical axes of an int8 weight's per-output-channel scale: the weight's `axes` without its contracted
+    ones (dots_jax.ops.quant). The scale is then split by RULES exactly as its weight's output channels are."""
+    dropped = {a % len(axes) for a in contracted}
+    return tuple(name for dim, name in enumerate(axes) if dim not in dropped)
+
+
 def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
     return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
