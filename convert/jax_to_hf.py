@@ -32,7 +32,14 @@ from dots_jax import cli
 from dots_jax.config import Dots1Config
 from dots_jax.weights import converted
 from dots_jax.weights.converted import DestinationError
-from dots_jax.weights.hf import INDEX_FILE, SINGLE_FILE, CheckpointError, ExportEntry, export_entries
+from dots_jax.weights.hf import (
+    INDEX_FILE,
+    SINGLE_FILE,
+    CheckpointError,
+    ExportEntry,
+    QuantizedExportError,
+    export_entries,
+)
 from dots_jax.weights.safetensors_io import save_file
 
 WORK_SUFFIX = ".tmp-jax_to_hf"
@@ -112,6 +119,11 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, *, max_shard_bytes: i
     if "://" not in os.fspath(src):
         refuse_overlap(root, out, work)
     manifest = converted.read_manifest(root)
+    quantize, _ = converted.stored_quantization(manifest)
+    if quantize is not None:
+        raise QuantizedExportError(f"{root} holds {quantize}-quantised weights (converted with --quantize "
+                                   f"{quantize}); the HF format holds the original float weights: export the "
+                                   "checkpoint converted without --quantize, or the HF checkpoint it came from")
     cfg = converted.read_config(root)
     if out.exists() and any(True for _ in out.iterdir()) and not overwrite:
         raise DestinationError(f"destination {out} exists and is not empty: pass --overwrite to replace it")

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
 from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.model.layers import QUANTIZE_MODES
 from dots_jax.ops.attention import BACKENDS as ATTENTION_BACKENDS
 from dots_jax.ops.gmm import BACKENDS
 from dots_jax.ops.kv_int8 import KV_CACHE_DTYPES
@@ -79,6 +80,14 @@ def add_kv_cache_dtype(parser: argparse.ArgumentParser) -> None:
                         help="dtype of the KV cache: int8 keeps keys and values in int8 with one f32 scale per token "
                              "and head (dequantised when attention reads them; about half of bf16's bytes); "
                              "default: the activation dtype (--dtype)")
+
+
+def add_quantize(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default=None,
+                        help="int8: weight-only int8 for every linear layer (attention, dense and shared MLPs, routed "
+                             "experts), one f32 scale per output channel: about half the weight bytes of bf16, which "
+                             "memory-bound decoding reads. A checkpoint converted with --quantize int8 is int8 "
+                             "without this flag")
 
 
 def add_distributed(parser: argparse.ArgumentParser, main_process_does: str) -> None:

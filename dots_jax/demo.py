@@ -20,6 +20,7 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -27,6 +28,11 @@ from dots_jax import cli, files
 from dots_jax.cli import DEMO_MODEL_DIR
 from dots_jax.config import CONFIGS_DIR
 from dots_jax.errors import UserError
+
+if TYPE_CHECKING:  # imported lazily below: `demo train` needs no JAX
+    import numpy as np
+
+    from dots_jax.model.modeling import Dots1ForCausalLM
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
@@ -77,21 +83,41 @@ def to_bfloat16(directory: Path) -> None:
     files.write_atomic(directory / "config.json", json.dumps(config, indent=2))
 
 
-def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch: int = 16) -> dict:
+def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch: int = 16,
+             quantize: str | None = None) -> dict:
     """Held-out cross-entropy (nats/token) of the model and of a unigram baseline on the same tokens.
 
     The held-out text is what training held out: the last EVAL_FRACTION of the stdlib corpus, tokenized with the
-    model's own tokenizer. The unigram model is the training split's token frequencies with add-one smoothing
-    over the vocabulary: the best a model can do that ignores context. Both are scored on the same targets (the
-    next tokens of the held-out windows), in float64 for the baseline and f32 for the model.
+    model's own tokenizer (held_out_windows). The unigram model is the training split's token frequencies with
+    add-one smoothing over the vocabulary: the best a model can do that ignores context. Both are scored on the
+    same targets (the next tokens of the held-out windows), in float64 for the baseline and f32 for the model.
+    quantize="int8": the model with int8 weights (from_pretrained's quantize).
     """
-    import jax
     import jax.numpy as jnp
+    import numpy as np
+
+    from dots_jax.weights import from_pretrained
+
+    inputs, targets, train_tokens = held_out_windows(model_dir, seq_len)
+    model = from_pretrained(model_dir, dtype=jnp.float32, progress=False, quantize=quantize)
+    model_loss = held_out_loss(model, inputs, targets, batch)
+
+    counts = np.bincount(train_tokens, minlength=model.cfg.vocab_size).astype(np.float64) + 1.0
+    unigram_logp = np.log(counts / counts.sum())
+    unigram_loss = float(-unigram_logp[targets.reshape(-1)].mean())
+    return {"model_loss": model_loss, "unigram_loss": unigram_loss, "held_out_tokens": int(targets.size),
+            "train_tokens": int(train_tokens.size), "python": sys.version.split()[0], "model_dir": str(model_dir)}
+
+
+def held_out_windows(model_dir: Path = DEMO_MODEL_DIR, seq_len: int = SEQ_LEN
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, targets, train_tokens): the held-out split of the stdlib corpus (what training held out) cut into
+    windows of seq_len tokens, int [windows, seq_len] each (targets are the inputs shifted by one), and the
+    training split's tokens."""
     import numpy as np
 
     from dots_jax.inference.tokenizer import Tokenizer as DotsTokenizer
     from dots_jax.training.data import load_tokens, num_windows, split_eval
-    from dots_jax.weights import from_pretrained
 
     tokens = load_tokens(stdlib_glob(), DotsTokenizer.from_dir(model_dir))
     train_tokens, held = split_eval(tokens, EVAL_FRACTION, seq_len)
@@ -99,9 +125,14 @@ def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch:
     starts = np.arange(windows) * seq_len
     inputs = held[starts[:, None] + np.arange(seq_len)]
     targets = held[starts[:, None] + np.arange(1, seq_len + 1)]
+    return inputs, targets, train_tokens
 
-    model = from_pretrained(model_dir, dtype=jnp.float32, progress=False)
-    vocab = model.cfg.vocab_size
+
+def held_out_loss(model: Dots1ForCausalLM, inputs: np.ndarray, targets: np.ndarray, batch: int = 16) -> float:
+    """The model's mean cross-entropy (nats/token, f32) of `targets` after `inputs` (held_out_windows)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
 
     @jax.jit
     def row_nll(ids: jax.Array, tgt: jax.Array) -> jax.Array:
@@ -109,17 +140,12 @@ def evaluate(model_dir: Path = DEMO_MODEL_DIR, *, seq_len: int = SEQ_LEN, batch:
         return -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0].sum(axis=-1)
 
     total = 0.0
+    windows = len(inputs)
     for i in range(0, windows, batch):
         ids, tgt = inputs[i:i + batch], targets[i:i + batch]
         pad = ((0, batch - len(ids)), (0, 0))  # one compiled shape: pad the last batch, drop the padded rows
         total += float(row_nll(np.pad(ids, pad), np.pad(tgt, pad))[:len(ids)].sum())
-    model_loss = total / targets.size
-
-    counts = np.bincount(train_tokens, minlength=vocab).astype(np.float64) + 1.0
-    unigram_logp = np.log(counts / counts.sum())
-    unigram_loss = float(-unigram_logp[targets.reshape(-1)].mean())
-    return {"model_loss": model_loss, "unigram_loss": unigram_loss, "held_out_tokens": int(targets.size),
-            "train_tokens": int(train_tokens.size), "python": sys.version.split()[0], "model_dir": str(model_dir)}
+    return total / targets.size
 
 
 def stdlib_glob() -> str:
@@ -161,7 +187,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         DotsTokenizer.from_dir(model)
     except (OSError, ValueError) as e:
         raise UserError(f"--model: {e}") from None
-    result = evaluate(model)
+    result = evaluate(model, quantize=args.quantize)
     print(f"held-out cross-entropy, {result['held_out_tokens']} tokens of the Python {result['python']} stdlib "
           f"corpus's last {EVAL_FRACTION:.0%} (never trained on):")
     print(f"  demo model      {result['model_loss']:.3f} nats/token (perplexity {math.exp(result['model_loss']):.1f})")
@@ -184,6 +210,7 @@ def _main(argv: list[str] | None) -> int:
     eval_cmd.add_argument("--model", default=str(DEMO_MODEL_DIR),
                           help="the model directory: an HF checkpoint or a converted one (default: the shipped "
                                "demo model)")
+    cli.add_quantize(eval_cmd)
     args = parser.parse_args(argv)
     return _train(args) if args.command == "train" else _evaluate(args)
 

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dtype of the weights and activations (default float32)")
     cli.add_moe_backend(parser)
     cli.add_attention_backend(parser)
+    cli.add_quantize(parser)
     cli.add_kv_cache_dtype(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
@@ -235,7 +236,7 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
     start = time.perf_counter()
     model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=cli.DTYPES[args.dtype],
                             moe_backend=args.moe_backend, attention_backend=args.attention_backend,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), quantize=args.quantize)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
     if args.mesh is not None:

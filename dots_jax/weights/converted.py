@@ -5,7 +5,8 @@ and restoring the model straight onto a mesh (load_converted).
 A converted checkpoint is a directory (local, or any path Orbax/tensorstore accepts, e.g. gs://):
   config.json, tokenizer files   copied verbatim from the HF checkpoint
   manifest.json                  the format, the source, the units written, and per parameter its shape, dtype,
-                                 sha256 and the dtype the HF checkpoint stored it in
+                                 sha256 and the dtype the HF checkpoint stored it in; "quantize" ("int8" when
+                                 converted with --quantize int8, else null)
   units/<unit>/<param>/          one Orbax item (StandardCheckpointHandler, tree {"value": array}) per parameter
 Units are the conversion's steps: "top" (embed_tokens, norm, lm_head) and "layer_NNN" for each decoder layer
 (HF numbering). <param> is the parameter's path inside its unit, in our layout ("self_attn.q_proj" [H, n, d],
@@ -13,6 +14,9 @@ Units are the conversion's steps: "top" (embed_tokens, norm, lm_head) and "layer
 
 One item per parameter (not per layer) keeps the converter's peak memory at one parameter, which for the
 released model is at most ~1.5 GB (128 experts x 4096 x 1408 in bf16), where a whole MoE layer is ~4.4 GB.
+
+An int8 checkpoint (hf_to_jax --quantize int8) stores each linear weight as int8 under its usual name and its f32
+per-output-channel scale beside it as "<param>_scale" (the model's own parameters, dots_jax.model.layers.linear).
 
 Writing goes to <DST>.tmp-hf_to_jax, renamed to DST when complete, so DST never holds half a checkpoint. Each unit
 is written to <unit>.partial, renamed, and then recorded in the manifest: a resumed conversion skips the recorded
@@ -41,9 +45,11 @@ from tqdm.auto import tqdm
 
 from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
+from dots_jax.model.layers import check_quantize, contracted_axes
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
+from dots_jax.ops.quant import quantize_int8
 from dots_jax.parallel.sharding import param_shardings
-from dots_jax.weights.hf import CheckpointError
+from dots_jax.weights.hf import CheckpointError, scale_path
 from dots_jax.weights.keys import STACKS, StatePath, stack_layers
 
 FORMAT = "dots_jax.weights.converted"
@@ -183,28 +189,86 @@ def shardings_for(state: nnx.State, mesh: Mesh | None) -> dict[StatePath, jax.sh
     return {path: by_key[tuple(str(p) for p in path)] for path in flat}
 
 
+def stored_quantization(manifest: dict[str, Any]) -> tuple[str | None, bool]:
+    """(quantize, quantize_head) of the weights a converted checkpoint stores: (None, False) for float ones."""
+    return manifest.get("quantize"), bool(manifest.get("quantize_head", False))
+
+
 def load_converted(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
                    param_dtype: Any = None, moe_backend: str = "auto", attention_backend: str = "auto",
-                   progress: bool = True) -> Dots1ForCausalLM:
+                   progress: bool = True, quantize: str | None = None, quantize_head: bool = False
+                   ) -> Dots1ForCausalLM:
     """Restore a converted checkpoint with every parameter placed straight into its sharding on `mesh`.
 
     Each layer's item is restored into its device slices (Orbax/tensorstore read only the chunks a host's
     devices need), then the layers are stacked on the devices. dtype is the activation dtype, param_dtype
     (default: dtype) the weights'; the router's correction bias stays f32.
+
+    Weights stored int8 are restored int8 (and their scales f32) whatever `quantize` says; quantize="int8" (and
+    quantize_head) quantises float-stored linear weights on the devices, layer by layer as they are restored.
     """
     root = as_path(path)
     manifest = read_manifest(root)
     cfg = read_config(root)
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                              attention_backend=attention_backend)
-    graphdef, state = nnx.split(abstract)
+    stored, stored_head = stored_quantization(manifest)
+    quantize = check_quantize(quantize) or stored
+    kwargs = dict(dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, attention_backend=attention_backend)
+    on_disk = dict(nnx.to_flat_state(nnx.state(abstract_model(cfg, quantize=stored, quantize_head=stored_head,
+                                                              **kwargs))))
+    _check_manifest(manifest, on_disk, cfg)
+    graphdef, state = nnx.split(abstract_model(cfg, quantize=quantize, quantize_head=quantize_head or stored_head,
+                                               **kwargs))
     flat = dict(nnx.to_flat_state(state))
-    _check_manifest(manifest, flat, cfg)
     shardings = shardings_for(state, mesh)
     ckptr = checkpointer()
-    for state_path, var in tqdm(flat.items(), desc="restoring", unit="param", disable=not progress):
-        var.set_value(_restore_param(ckptr, root, state_path, var.get_value(), shardings[state_path], cfg))
+    for state_path in tqdm(on_disk, desc="restoring", unit="param", disable=not progress):
+        scale = scale_path(state_path)
+        if scale in flat and scale not in on_disk:  # stored float, wanted int8
+            q, s = _restore_quantized(ckptr, root, state_path, flat[state_path].get_value().shape,
+                                      (shardings[state_path], shardings[scale]), cfg)
+            flat[state_path].set_value(q)
+            flat[scale].set_value(s)
+        else:
+            var = flat[state_path]
+            var.set_value(_restore_param(ckptr, root, state_path, var.get_value(), shardings[state_path], cfg))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+@functools.cache
+def _quantizer(axes: tuple[int, ...], q_sharding: jax.sharding.Sharding, scale_sharding: jax.sharding.Sharding
+               ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    return jax.jit(lambda w: quantize_int8(w, axes), out_shardings=(q_sharding, scale_sharding))
+
+
+def _restore_quantized(ckptr: ocp.Checkpointer, root: epath.Path, path: StatePath, shape: tuple[int, ...],
+                       shardings: tuple[jax.sharding.Sharding, jax.sharding.Sharding], cfg: Dots1Config
+                       ) -> tuple[jax.Array, jax.Array]:
+    """A float-stored linear weight restored in f32 and quantised on its devices, one layer at a time (so that
+    at most one layer's f32 copy exists beside the int8 stack): (int8 weight, scale) in `shardings`."""
+    places = locate(path, cfg)
+    if places[0][2] is None:
+        w = _restore_item(ckptr, item_path(root, *places[0][:2]), shape, np.dtype(np.float32), shardings[0])
+        q, s = _quantizer(contracted_axes(path[-1], len(shape)), *shardings)(w)
+        w.delete()
+        return q, s
+    axes = contracted_axes(path[-1], len(shape) - 1)
+    q_layer = _layer_sharding(shardings[0], len(shape))
+    s_layer = _layer_sharding(shardings[1], len(shape) - len(axes))
+    qs, ss = [], []
+    for unit, param, _ in places:
+        w = _restore_item(ckptr, item_path(root, unit, param), shape[1:], np.dtype(np.float32), q_layer)
+        q, s = _quantizer(axes, q_layer, s_layer)(w)
+        w.delete()
+        qs.append(q)
+        ss.append(s)
+    return _stack(qs, shardings[0]), _stack(ss, shardings[1])
+
+
+def _stack(layers: list[jax.Array], sharding: jax.sharding.Sharding) -> jax.Array:
+    stacked = _stacker(sharding, len(layers))(*layers)
+    for layer in layers:  # the per-layer copies go now: peak is one stacked parameter twice, per device
+        layer.delete()
+    return stacked
 
 
 def _restore_param(ckptr: ocp.Checkpointer, root: epath.Path, path: StatePath, abstract: jax.ShapeDtypeStruct,
@@ -216,10 +280,7 @@ def _restore_param(ckptr: ocp.Checkpointer, root: epath.Path, path: StatePath, a
     per_layer = _layer_sharding(sharding, len(shape))
     layers = [_restore_item(ckptr, item_path(root, unit, param), shape[1:], dtype, per_layer)
               for unit, param, _ in places]
-    stacked = _stacker(sharding, len(layers))(*layers)
-    for layer in layers:  # the per-layer copies go now: peak is one stacked parameter twice, per device
-        layer.delete()
-    return stacked
+    return _stack(layers, sharding)
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -241,10 +302,11 @@ def read_param(root: epath.Path, unit: str, param: str, info: dict[str, Any]) ->
 
 
 # ------------------------------------------------------------------------------------------------- writing
-def new_manifest(source: dict[str, Any], dtype: str | None, unit_order: list[str]) -> dict[str, Any]:
+def new_manifest(source: dict[str, Any], dtype: str | None, unit_order: list[str], quantize: str | None = None
+                 ) -> dict[str, Any]:
     """The manifest of a conversion about to start: no unit written yet, not complete."""
     return {"format": FORMAT, "version": VERSION, "complete": False, "source": source, "dtype": dtype,
-            "unit_order": unit_order, "units": {}, "extra_files": []}
+            "quantize": quantize, "unit_order": unit_order, "units": {}, "extra_files": []}
 
 
 def write_manifest(root: epath.Path, manifest: dict[str, Any]) -> None:
@@ -322,8 +384,8 @@ def start_or_resume(work: epath.Path, manifest: dict[str, Any], resume: bool) ->
     `manifest` in a fresh work directory."""
     if work.exists() and resume and (work / MANIFEST).exists():
         old = json.loads((work / MANIFEST).read_text())
-        for field in ("source", "dtype", "unit_order"):
-            if old.get(field) != manifest[field]:
+        for field in ("source", "dtype", "quantize", "quantize_head", "unit_order"):
+            if old.get(field) != manifest.get(field):
                 raise DestinationError(f"{work} holds an interrupted conversion with a different {field} "
                                        f"({old.get(field)!r}); pass --overwrite to start again")
         return old

@@ -30,7 +30,9 @@ from tqdm.auto import tqdm
 from dots_jax.config import Dots1Config
 from dots_jax.errors import UserError
 from dots_jax.files import atomic_path
+from dots_jax.model.layers import SCALE_SUFFIX, contracted_axes
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
+from dots_jax.ops.quant import quantize_int8
 from dots_jax.weights.keys import (
     DENSE,
     KEY_TABLE,
@@ -57,6 +59,11 @@ HF_FILE_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", IN
 
 class CheckpointError(UserError):
     """A checkpoint that does not fit its config.json: the message names the tensor, file or field."""
+
+
+class QuantizedExportError(UserError):
+    """An export to the HF format of int8-quantised weights, which it cannot hold (and dequantised weights would
+    pass for the original ones)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,37 +171,75 @@ def resolve(path_or_repo: str | os.PathLike) -> Path:
         raise CheckpointError(f"{repo}: {' '.join(str(e).split())}") from None
 
 
+def scale_path(path: StatePath) -> StatePath:
+    """The path of the int8 scale beside weight `path` (present in the model state only when it is quantised)."""
+    return (*path[:-1], path[-1] + SCALE_SUFFIX)
+
+
+def is_scale(path: StatePath) -> bool:
+    return path[-1].endswith(SCALE_SUFFIX)
+
+
+# One compiled program per shape (quantize_int8 run op by op compiles each of its ops per shape).
+_quantize = jax.jit(quantize_int8, static_argnums=1)
+
+
+def quantize_slice(value: np.ndarray, path: StatePath, chunk_bytes: int = 256 * 2**20
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(int8, scale) of one checkpoint tensor in our layout, `value`, bound for quantised weight `path`: the whole
+    weight or one layer's / one expert's slice of it, which holds whole output channels (the slices cut leading
+    axes, never a contracted one), so quantising it alone gives that slice of the weight's quantisation.
+
+    Quantised in blocks of output channels along the last axis (never contracted) of at most chunk_bytes in
+    f32: a large tensor (a fused [E, H, I] expert tensor, the LM head) then needs no f32 copy of itself."""
+    axes = contracted_axes(path[-1], value.ndim)
+    columns = max(1, chunk_bytes // (4 * max(1, value[..., :1].size)))
+    parts = [_quantize(value[..., i:i + columns], axes) for i in range(0, value.shape[-1], columns)]
+    return (np.concatenate([np.asarray(q) for q, _ in parts], axis=-1),
+            np.concatenate([np.asarray(scale) for _, scale in parts], axis=-1))
+
+
 def load_hf(path: str | os.PathLike, *, dtype: jnp.dtype | type = jnp.float32,
             param_dtype: jnp.dtype | type | None = None, moe_backend: str = "auto",
-            attention_backend: str = "auto", progress: bool = True) -> Dots1ForCausalLM:
+            attention_backend: str = "auto", progress: bool = True, quantize: str | None = None,
+            quantize_head: bool = False) -> Dots1ForCausalLM:
     """Load an HF dots1 checkpoint (local directory or repo id) onto one device (weights.from_pretrained loads
     any source, onto a mesh too).
 
     dtype is the activation dtype; param_dtype (default: dtype) the weights' dtype. The router's correction
-    bias is kept in f32 whatever they are.
+    bias is kept in f32 whatever they are. quantize="int8" (and quantize_head) as Dots1ForCausalLM: each linear
+    weight is quantised tensor by tensor as it is read, from the checkpoint's own values (so peak memory is the
+    int8 model plus one tensor).
     """
     directory = resolve(path)
     cfg = Dots1Config.from_hf(directory)
     opened, plan = plan_tensors(directory, cfg)
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                              attention_backend=attention_backend)
+                              attention_backend=attention_backend, quantize=quantize, quantize_head=quantize_head)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items()}, directory)
+    check_coverage(plan, cfg, {p: v.get_value().shape for p, v in flat.items() if not is_scale(p)}, directory)
     buffers: dict[StatePath, jax.Array] = {}
+
+    def put(path: StatePath, index: tuple[int, ...], array: np.ndarray) -> None:
+        var = flat[path].get_value()
+        if not index:
+            buffers[path] = jnp.asarray(np.asarray(array, var.dtype))
+            return
+        if path not in buffers:
+            buffers[path] = jnp.zeros(var.shape, var.dtype)
+        buffers[path] = _write(buffers[path], np.asarray(array, var.dtype), jnp.asarray(index, jnp.int32))
 
     for key, file, m in tqdm(plan, desc="loading weights", unit="tensor", disable=not progress):
         arrays = m.rule.to_jax(opened[file][key], cfg)
         arrays = arrays if isinstance(arrays, tuple) else (arrays,)
         for (path, index), value in zip(m.targets(cfg), arrays, strict=True):
-            var = flat[path]
-            if path not in buffers:
-                buffers[path] = jnp.zeros(var.get_value().shape, var.get_value().dtype)
-            array = np.asarray(value, dtype=var.get_value().dtype)
-            if index:
-                buffers[path] = _write(buffers[path], array, jnp.asarray(index, jnp.int32))
+            if scale_path(path) in flat:
+                q, scale = quantize_slice(np.asarray(value), path)
+                put(path, index, q)
+                put(scale_path(path), index, scale)
             else:
-                buffers[path] = jnp.asarray(array)
+                put(path, index, np.asarray(value))
 
     for path, var in flat.items():
         var.set_value(buffers[path])
@@ -315,6 +360,9 @@ def hf_tensors(model: Dots1ForCausalLM) -> dict[str, np.ndarray]:
     must be written exactly once.
     """
     cfg = model.cfg
+    if getattr(model, "quantize", None) is not None:
+        raise QuantizedExportError(f"this model's weights are {model.quantize}-quantised: an HF export holds float "
+                                   "weights; export the model it was quantised from")
     flat = {path: np.asarray(var.get_value()) for path, var in nnx.to_flat_state(nnx.state(model))}
     tensors: dict[str, np.ndarray] = {}
     written = 0

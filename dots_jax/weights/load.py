@@ -19,7 +19,8 @@ from dots_jax.weights.hf import load_hf, resolve
 
 def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype: Any = jnp.float32,
                     param_dtype: Any = None, moe_backend: str = "auto", attention_backend: str = "auto",
-                    progress: bool = True) -> Dots1ForCausalLM:
+                    progress: bool = True, quantize: str | None = None, quantize_head: bool = False
+                    ) -> Dots1ForCausalLM:
     """Load dots.llm1 from a converted dots_jax checkpoint (a directory with manifest.json, restored straight
     into its shardings), or from an HF checkpoint (local directory or repo id).
 
@@ -28,12 +29,18 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     checkpoint is read on the host and then placed, so a whole-model host copy exists there: convert it first
     for meshes. moe_backend and attention_backend choose the kernels (dots_jax.ops.gmm, dots_jax.ops.attention;
     "auto" picks by device and shape).
+
+    quantize="int8": weight-only int8 for every linear layer, quantize_head=True for the LM head too
+    (Dots1ForCausalLM's arguments); the weights are quantised tensor by tensor as they are read. A checkpoint
+    converted with `convert.hf_to_jax --quantize int8` is int8 already and loads as int8 whatever quantize says.
     """
     if is_converted(path):
         return load_converted(path, mesh=mesh, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                              attention_backend=attention_backend, progress=progress)
+                              attention_backend=attention_backend, progress=progress, quantize=quantize,
+                              quantize_head=quantize_head)
     model = load_hf(path, dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend,
-                    attention_backend=attention_backend, progress=progress)
+                    attention_backend=attention_backend, progress=progress, quantize=quantize,
+                    quantize_head=quantize_head)
     if mesh is not None:
         nnx.update(model, shard_state(nnx.state(model), mesh))
     return model
