@@ -337,3 +337,18 @@ def test_int8_checkpoint_restores_onto_8_devices(checkpoints):
     result = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, str(checkpoints["int8"])], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=480)
     assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ the CLIs
+def test_sample_and_serve_take_quantize_int8(monkeypatch):
+    from test_cli_options import sample
+
+    from dots_jax import sample as sample_cli
+    from dots_jax import serve
+
+    model = sample(monkeypatch, DEMO_MODEL_DIR, "--quantize", "int8", run=False)["model"]
+    assert model.quantize == "int8" and model.moe_layers.mlp.gate_proj[...].dtype == jnp.int8
+    assert model.lm_head[...].dtype == jnp.float32
+    assert serve.build_parser().parse_args(["--quantize", "int8"]).quantize == "int8"
+    code, out, err = run_cli(sample_cli.main, ["--quantize", "int4"])
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "--quantize" in err, err
