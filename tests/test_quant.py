@@ -108,18 +108,20 @@ QEINSUM_CASES = {
     "mlp_decode": ("...h,hi->...i", (3, 1, 24), "mlp_down", "...i,hi->...h"),
     "mlp_prefill": ("...h,hi->...i", (2, 40, 24), "mlp_down", "...i,hi->...h"),
     "wide_decode": ("...h,hi->...i", (3, 1, 200), "wide", "...i,hi->...h"),
+    "x_contracted_first": ("hb,hi->bi", (24, 3), "mlp_down", "bi,hi->hb"),  # not x [..., K] @ w [K, N]: einsum
 }
 
 
-def run_qeinsum(equation: str, x: np.ndarray, q, scale, d_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(out, d_x) of qeinsum, d_x by jax.grad of <out, d_out>, under one jit."""
+def run_qeinsum(equation: str, x: np.ndarray, q, scale, d_out: np.ndarray
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(out, d_x, d_scale) of qeinsum, the gradients by jax.grad of <out, d_out>, under one jit."""
 
-    def loss(a):
-        out = qeinsum(equation, a, q, scale)
+    def loss(a, s):
+        out = qeinsum(equation, a, q, s)
         return jnp.vdot(out.astype(jnp.float32), jnp.asarray(d_out, jnp.float32)), out
 
-    d_x, out = jax.jit(jax.grad(loss, has_aux=True))(jnp.asarray(x))
-    return np.asarray(out), np.asarray(d_x)
+    (d_x, d_scale), out = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(jnp.asarray(x), scale)
+    return np.asarray(out), np.asarray(d_x), np.asarray(d_scale)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16], ids=["f32", "bf16"])
@@ -134,12 +136,16 @@ def test_qeinsum_matches_einsum_on_the_dequantised_weight(case: str, dtype) -> N
     x = rng.standard_normal(x_shape).astype(dtype)
     want = np.einsum(equation, x.astype(np.float64), np_dequantize(q, scale, axes))
     d_out = rng.standard_normal(want.shape).astype(np.float32)
-    out, d_x = run_qeinsum(equation, x, q, scale, d_out)
+    out, d_x, d_scale = run_qeinsum(equation, x, q, scale, d_out)
     want_d_x = np.einsum(grad_equation, d_out.astype(np.float64), np_dequantize(q, scale, axes))
+    # out = (x . q) * scale over the output's trailing axes: d_scale sums (x . q) * d_out over the leading ones.
+    unscaled = np.einsum(equation, x.astype(np.float64), np.asarray(q).astype(np.float64))
+    want_d_scale = (unscaled * d_out).reshape(-1, *scale.shape).sum(axis=0)
     assert out.dtype == dtype and d_x.dtype == dtype
     rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
     assert_close(out, want, rtol, f"qeinsum {case}")
     assert_close(d_x, want_d_x, rtol, f"qeinsum {case} d_x")
+    assert_close(d_scale, want_d_scale, rtol, f"qeinsum {case} d_scale")
 
 
 def test_qeinsum_without_a_scale_is_the_plain_einsum() -> None:
@@ -163,7 +169,7 @@ def test_qeinsum_catches_a_scale_on_the_wrong_axis() -> None:
 
     w = random_weight((16, 16), (0,))
     q, scale = quantize_int8(jnp.asarray(w), (1,))  # per input row: the wrong axis, the same shape
-    out, _ = run_qeinsum("bh,hi->bi", x[0], q, scale, np.zeros((1, 16), np.float32))
+    out, _, _ = run_qeinsum("bh,hi->bi", x[0], q, scale, np.zeros((1, 16), np.float32))
     want = x[0].astype(np.float64) @ np_dequantize(q, scale, (1,))
     with pytest.raises(AssertionError):
         assert_close(out, want, F32_RTOL, "scale on the wrong axis")
@@ -276,16 +282,17 @@ def test_gmm_catches_a_scale_on_the_wrong_axis() -> None:
 
 
 # The decode routing matters to the CPU backends' row tiles; the interpreted Pallas kernel runs the prefill one.
-FFN_CASES = [(backend, routing) for backend in GMM_BACKENDS for routing in sorted(ROUTINGS)
-             if backend != "pallas" or routing == "prefill"]
+FFN_CASES = [(backend, routing, np.float32) for backend in GMM_BACKENDS for routing in sorted(ROUTINGS)
+             if backend != "pallas" or routing == "prefill"] + [("loop", "decode", ml_dtypes.bfloat16)]
 
 
-@pytest.mark.parametrize(("backend", "routing"), FFN_CASES)
-def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend: str, routing: str) -> None:
+@pytest.mark.parametrize(("backend", "routing", "dtype"), FFN_CASES,
+                         ids=[f"{b}-{r}-{np.dtype(d).name}" for b, r, d in FFN_CASES])
+def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend: str, routing: str, dtype) -> None:
     hidden, inner = 32, 16
     group_sizes, m = ROUTINGS[routing]
     rng = np.random.default_rng(3)
-    rows = rng.standard_normal((m, hidden)).astype(np.float32)
+    rows = rng.standard_normal((m, hidden)).astype(dtype)
     rows[sum(group_sizes):] = 1e3
     g = len(group_sizes)
     # Scaled so that the pre-activations are O(1) (both regimes of SiLU).
@@ -299,11 +306,13 @@ def test_expert_ffn_with_int8_weights_matches_the_dequantised_reference(backend:
 
     def loss(x):
         out = grouped_matmul.expert_ffn(x, *weights, gs, backend=backend, scales=scales)
-        return jnp.vdot(out, jnp.asarray(d_out)), out
+        return jnp.vdot(out.astype(jnp.float32), jnp.asarray(d_out)), out
 
     d_rows, out = jax.jit(jax.grad(loss, has_aux=True))(jnp.asarray(rows))
+    assert out.dtype == dtype and d_rows.dtype == dtype
     want = oracle_ffn(rows, *(np_dequantize(q, s, (1,)) for q, s in quantised), gs, d_out)
-    assert_close(out, want[0], F32_RTOL, f"expert_ffn {backend} out")
-    assert_close(d_rows, want[1], F32_RTOL, f"expert_ffn {backend} d_rows")
+    rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
+    assert_close(out, want[0], rtol, f"expert_ffn {backend} out")
+    assert_close(d_rows, want[1], rtol, f"expert_ffn {backend} d_rows")
     past = sum(group_sizes)
     assert np.all(np.asarray(out)[past:] == 0) and np.all(np.asarray(d_rows)[past:] == 0)
