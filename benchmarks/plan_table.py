@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -21,8 +22,19 @@ from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path:
 
 from dots_jax.plan import SERVE_TABLE_HEADER, TABLE_HEADER, plan, serve_table_row, table_row  # noqa: E402
 
-# (topology, mesh, mode, batch, seq, remat)
-ROWS = [
+
+class Row(NamedTuple):
+    topology: str
+    mesh: str
+    mode: str
+    batch: int
+    seq: int
+    remat: bool = False
+    quantize: str | None = None
+    kv_cache_dtype: str | None = None
+
+
+ROWS = [Row(*row) for row in [
     ("v5p:4x4x4", "expert=16,fsdp=4", "decode", 64, 4096, False),
     ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 8, 4096, False),
     ("v5e:8x8", "expert=16,fsdp=4", "decode", 64, 4096, False),
@@ -39,12 +51,17 @@ ROWS = [
     ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, True),
     # Serving: the engine's decode step and the KV pages that fit beside it (a second table)
     ("v5p:4x4x4", "expert=16,fsdp=4", "serve", 64, 4096, False),
-]
+    # int8 weights and an int8 KV cache: the 142B model on half the chips (int8 weights alone do not fit there)
+    ("v5e:4x8", "expert=8,fsdp=4", "decode", 64, 4096, False, "int8"),
+    ("v5e:4x8", "expert=8,fsdp=4", "decode", 64, 4096, False, "int8", "int8"),
+    ("v6e:4x4", "expert=8,fsdp=2", "decode", 64, 4096, False, "int8", "int8"),
+]]
 OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
 
 
-def _key(r: dict) -> tuple:
-    return r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"], r.get("remat", False)
+def _key(r: dict) -> Row:
+    return Row(r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"], r.get("remat", False), r.get("quantize"),
+               r.get("kv_cache_dtype"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         if row in done:
             reports.append(done[row])
             continue
-        topology, mesh, mode, batch, seq, remat = row
         t0 = time.perf_counter()
-        r = plan(topology, mesh, batch, seq, mode, remat=remat)
-        what = f"{topology} {mesh} {mode}{' remat' if remat else ''} {batch}x{seq}"
+        r = plan(row.topology, row.mesh, row.batch, row.seq, row.mode, remat=row.remat, quantize=row.quantize,
+                 kv_cache_dtype=row.kv_cache_dtype)
+        extras = " ".join(x for x in ("remat" if row.remat else "", row.quantize and "int8 weights",
+                                      row.kv_cache_dtype and "int8 KV") if x)
+        what = f"{row.topology} {row.mesh} {row.mode} {extras} {row.batch}x{row.seq}"
         print(f"{what}: {'fits' if r['fits'] else 'does not fit'} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         reports.append(r)

@@ -105,15 +105,16 @@ def _quiet_libtpu(topology: str) -> None:
 
 # ------------------------------------------------------------------------------------------- arithmetic
 def param_counts(cfg) -> dict[str, int]:
-    """Parameter counts by kind (norms included where they live)."""
+    """Parameter counts by kind: the attention projections apart from the small vectors (norms, q/k norms,
+    attention biases), which no quantization touches."""
     h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    attn = h * n * d * 2 + h * kv * d * 2 + 2 * d + (n * d + 2 * kv * d + h if cfg.attention_bias else 0)
-    norms = 2 * h
+    vectors = 2 * h + 2 * d + (n * d + 2 * kv * d + h if cfg.attention_bias else 0)
     lm_head = 0 if cfg.tie_word_embeddings else h * cfg.vocab_size
     return {
         "embed": cfg.vocab_size * h,
         "lm_head": lm_head,
-        "attention": cfg.num_hidden_layers * (attn + norms) + h,
+        "attention": cfg.num_hidden_layers * (h * n * d * 2 + h * kv * d * 2),
+        "norms_and_biases": cfg.num_hidden_layers * vectors + h,
         "dense_mlp": cfg.num_dense_layers * 3 * h * cfg.intermediate_size,
         "router": cfg.num_moe_layers * h * cfg.n_routed_experts,
         "shared_experts": cfg.num_moe_layers * 3 * h * cfg.shared_intermediate_size,
@@ -125,7 +126,7 @@ def active_params_per_token(cfg) -> tuple[int, int]:
     """(LM head, decoder layers): the weights one token multiplies through (the embedding is a lookup)."""
     c = param_counts(cfg)
     routed_active = c["routed_experts"] * cfg.num_experts_per_tok // cfg.n_routed_experts
-    layers = c["attention"] + c["dense_mlp"] + c["router"] + c["shared_experts"] + routed_active
+    layers = c["attention"] + c["norms_and_biases"] + c["dense_mlp"] + c["router"] + c["shared_experts"] + routed_active
     return c["lm_head"] or c["embed"], layers
 
 
@@ -135,7 +136,8 @@ def experts_hit_fraction(cfg, tokens: int) -> float:
 
 
 def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int], remat: bool = False,
-                    attention_split: int | None = None) -> dict[str, float]:
+                    attention_split: int | None = None, quantize: str | None = None,
+                    kv_cache_dtype: str | None = None) -> dict[str, float]:
     """Hand-computed flops and HBM bytes per step, total and on the busiest chip.
 
     flops: 2 x active weights per token for the matmuls, plus attention's QK^T and PV (4 x heads x head_dim per
@@ -146,7 +148,8 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     over the batch axes, and in training the f32 master weights, gradients and AdamW moments (read + written) of
     the chip's own shard. "serve" counts as "decode". `attention_split`: the chips that share attention's work and
     the KV cache (default all; serving's "ragged" kernel splits only the key/value heads and repeats the rest, see
-    paged_kv_arithmetic).
+    paged_kv_arithmetic). `quantize` "int8": the decoder's linear weights are read as one byte each (their f32
+    per-channel scales add 4 bytes per output channel); `kv_cache_dtype` "int8": see kv_bytes_per_token.
     """
     chips = math.prod(mesh_shape.values())
     attention_split = attention_split or chips
@@ -160,11 +163,14 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     flops = matmul_flops + attention_flops
 
     w_bytes = 4 if mode == "train" else 2  # f32 master weights in training (cast to bf16 per use), else bf16
-    non_routed = sum(v for k, v in c.items() if k not in ("routed_experts", "embed"))
+    linear = 1.0 if quantize == "int8" else w_bytes  # per weight of the decoder's linear layers
+    scales = quantized_scale_counts(cfg) if quantize == "int8" else dict.fromkeys(c, 0)
     hit = experts_hit_fraction(cfg, tokens)
-    weights_read = w_bytes * (non_routed / tensor + c["routed_experts"] * hit / expert)
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2  # K and V, bf16
-    kv_bytes = batch * seq * kv_per_token / attention_split  # read (decode) or written (prefill) once per step
+    weights_read = sum(
+        (linear * c[k] + 4 * scales[k] if k in LINEAR_KINDS else w_bytes * c[k]) / tensor
+        for k in c if k not in ("routed_experts", "embed")
+    ) + (linear * c["routed_experts"] + 4 * scales["routed_experts"]) * hit / expert
+    kv_bytes = batch * seq * kv_bytes_per_token(cfg, kv_cache_dtype) / attention_split  # read or written once
     optimizer = 0.0
     if mode == "train":
         kv_bytes = 0.0
@@ -179,7 +185,28 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
             "active_params_per_token": active + head, "total_params": sum(c.values())}
 
 
-def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: int) -> dict[str, Any]:
+LINEAR_KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts")  # int8 weights with --quantize
+
+
+def quantized_scale_counts(cfg) -> dict[str, int]:
+    """The f32 per-output-channel scales of the int8 model's linear weights, by param_counts' kinds."""
+    h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    counts = dict.fromkeys(param_counts(cfg), 0)
+    counts["attention"] = cfg.num_hidden_layers * (n * d + 2 * kv * d + h)  # q, k, v, o
+    counts["dense_mlp"] = cfg.num_dense_layers * (2 * cfg.intermediate_size + h)  # gate, up, down
+    counts["shared_experts"] = cfg.num_moe_layers * (2 * cfg.shared_intermediate_size + h)
+    counts["routed_experts"] = cfg.num_moe_layers * cfg.n_routed_experts * (2 * cfg.moe_intermediate_size + h)
+    return counts
+
+
+def kv_bytes_per_token(cfg, kv_cache_dtype: str | None = None) -> float:
+    """K and V of one token over all layers: bf16, or int8 with one f32 scale per head vector."""
+    per_head = cfg.head_dim + 4 if kv_cache_dtype == "int8" else 2 * cfg.head_dim
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * per_head
+
+
+def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: int,
+                        kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """The serving page pool per chip.
 
     The pool is [layers, pages, page_size, 2 x kv_heads, head_dim] in bf16, one for the whole slice. The "ragged"
@@ -194,7 +221,7 @@ def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: in
     axes = head_axes(mesh_shape, cfg.num_key_value_heads)
     split = math.prod(mesh_shape[a] for a in axes)
     kv_heads = cfg.num_key_value_heads // split
-    page_bytes = cfg.num_hidden_layers * page_size * 2 * kv_heads * cfg.head_dim * 2
+    page_bytes = page_size * kv_bytes_per_token(cfg, kv_cache_dtype) * kv_heads // cfg.num_key_value_heads
     return {"page_size": page_size, "head_axes": list(axes), "head_split": split,
             "pool_replicas": math.prod(mesh_shape.values()) // split, "kv_heads_per_chip": kv_heads,
             "page_bytes_per_chip": page_bytes, "pages_per_seq": -(-seq // page_size)}
@@ -228,7 +255,8 @@ def _shard_bytes(sds) -> int:
     return math.prod(shape) * sds.dtype.itemsize
 
 
-def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat: bool):
+def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat: bool, quantize: str | None = None,
+           kv_cache_dtype: str | None = None):
     """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip)."""
     import jax
     import jax.numpy as jnp
@@ -262,12 +290,12 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat:
             return step.lower(graphdef, tc, state, data), weights, 0
 
     model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
-                           attention_backend=ATTENTION_BACKEND)
+                           attention_backend=ATTENTION_BACKEND, quantize=quantize)
     graphdef, state = nnx.split(model)
     state = with_shardings(state, param_shardings(state, mesh))
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
 
-    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, jnp.bfloat16))
+    cache = jax.eval_shape(lambda: KVCache.create(cfg, batch, seq, jnp.bfloat16, kv_cache_dtype))
     cache_sh = cache_shardings(cache, mesh)
     cache = with_shardings(cache, cache_sh)
     kv_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
@@ -300,8 +328,8 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _serve_model(cfg, mesh):
-    """(graphdef, abstract state with the table's shardings, weight bytes per chip) of the bf16 model."""
+def _serve_model(cfg, mesh, quantize: str | None = None):
+    """(graphdef, abstract state with the table's shardings, weight bytes per chip) of the bf16 (or int8) model."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -310,7 +338,7 @@ def _serve_model(cfg, mesh):
     from dots_jax.parallel.sharding import param_shardings, with_shardings
 
     model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
-                           attention_backend=ATTENTION_BACKEND)
+                           attention_backend=ATTENTION_BACKEND, quantize=quantize)
     graphdef, state = nnx.split(model)
     state = with_shardings(state, param_shardings(state, mesh))
     return graphdef, state, sum(_shard_bytes(x) for x in jax.tree.leaves(state))
@@ -322,7 +350,7 @@ _SAMPLING_DTYPES = {"temperature": "float32", "top_k": "int32", "top_p": "float3
 
 
 def _lower_serve(cfg, graphdef, state, mesh, rows: int, seq: int, page_size: int, num_pages: int,
-                 head_axes: Sequence[str]):
+                 head_axes: Sequence[str], kv_cache_dtype: str | None = None):
     """(the engine's decode step lowered for `rows` rows over a pool of `num_pages` pages, pool bytes per chip).
     The step is the engine's own jitted function, with the arguments the engine passes it: page-table columns
     padded to a power of two as the engine pads them, the pool donated."""
@@ -335,9 +363,10 @@ def _lower_serve(cfg, graphdef, state, mesh, rows: int, seq: int, page_size: int
     from dots_jax.model.cache import PagedKVCache, PageTable
     from dots_jax.parallel.sharding import with_shardings
 
-    cache = jax.eval_shape(lambda: PagedKVCache.create(cfg, num_pages, page_size, jnp.bfloat16))
-    pool = NamedSharding(mesh, P(None, None, None, tuple(head_axes) or None, None))
-    cache = with_shardings(cache, jax.tree.map(lambda _: pool, cache))
+    cache = jax.eval_shape(lambda: PagedKVCache.create(cfg, num_pages, page_size, jnp.bfloat16, kv_cache_dtype))
+    # Pages [L, P, page, 2 KV, D] and an int8 pool's scales [L, P, page, 2 KV]: split by the heads alike.
+    cache = with_shardings(cache, jax.tree.map(
+        lambda x: NamedSharding(mesh, P(None, None, None, tuple(head_axes) or None, *[None] * (x.ndim - 4))), cache))
     whole = NamedSharding(mesh, P())  # the kernel reads every row's table on every chip
 
     def sds(shape, dtype=jnp.int32):
@@ -369,7 +398,7 @@ def _exhausted(e: Exception) -> bool:
 
 
 def _plan_serve(cfg, mesh, shape: dict[str, int], chip: Chip, batch: int, seq: int, page_size: int, margin: float,
-                verify: bool) -> dict[str, Any]:
+                verify: bool, quantize: str | None = None, kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """The serve mode's compiles and capacity: the report's "serve", "memory_gib", "fits" and the capacity keys.
 
     1. The engine's decode step with the engine's default pool (a whole sequence per row): what it needs per chip
@@ -379,15 +408,16 @@ def _plan_serve(cfg, mesh, shape: dict[str, int], chip: Chip, batch: int, seq: i
     3. If it grew by more (the step copies its pool, or a buffer scales with it), the two compiles give the real
        cost of a page: the pages are recomputed from it and compiled once more.
     """
-    kv = paged_kv_arithmetic(cfg, shape, page_size, seq)
+    kv = paged_kv_arithmetic(cfg, shape, page_size, seq, kv_cache_dtype)
     rows, page_bytes = _pow2(batch), float(kv["page_bytes_per_chip"])
     budget = chip.hbm_gib * GiB * (1 - margin)
-    graphdef, state, weights = _serve_model(cfg, mesh)
+    graphdef, state, weights = _serve_model(cfg, mesh, quantize)
     compiles: list[dict[str, Any]] = []
 
     def compile_at(pages: int) -> dict[str, Any]:
         t0 = time.perf_counter()
-        lowered, pool = _lower_serve(cfg, graphdef, state, mesh, rows, seq, page_size, pages, kv["head_axes"])
+        lowered, pool = _lower_serve(cfg, graphdef, state, mesh, rows, seq, page_size, pages, kv["head_axes"],
+                                     kv_cache_dtype)
         point: dict[str, Any] = {"pages": pages, "pool_gib": pool / GiB}
         try:
             compiled = lowered.compile()
@@ -492,15 +522,22 @@ def _mesh(mesh_spec: str, devices):
 
 def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
          auto_layout: bool = True, remat: bool = False, page_size: int = 16, margin: float = SERVE_MARGIN,
-         verify: bool = True) -> dict[str, Any]:
+         verify: bool = True, quantize: str | None = None, kv_cache_dtype: str | None = None) -> dict[str, Any]:
     """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
     `config`: a preset name, a config.json path or a Dots1Config. `remat`: a training step that recomputes each
     layer in its backward pass (`python -m dots_jax.train --remat`). Serve mode: `page_size` tokens per KV page,
-    `margin` the share of HBM kept out of the pool, `verify` compiles the step again with the pool it reports."""
+    `margin` the share of HBM kept out of the pool, `verify` compiles the step again with the pool it reports.
+    `quantize` "int8": int8 weights (from_pretrained(..., quantize="int8")); `kv_cache_dtype` "int8": an int8 KV
+    cache (decode, prefill and serve)."""
     if mode not in MODES:
         raise PlanError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch < 1 or seq < 1:
         raise PlanError(f"--batch and --seq must be positive, got {batch} and {seq}")
+    if quantize not in (None, "int8") or kv_cache_dtype not in (None, "int8"):
+        raise PlanError(f"--quantize and --kv-cache-dtype: int8 or nothing, got {quantize!r} and {kv_cache_dtype!r}")
+    if mode == "train" and (quantize or kv_cache_dtype):
+        raise PlanError("--quantize and --kv-cache-dtype apply to inference (decode, prefill, serve), not --mode "
+                        "train")
     if page_size < 1 or not 0 <= margin < 1:
         raise PlanError(f"--page-size must be positive and --margin in [0, 1), got {page_size} and {margin}")
     chip = chip_for(topology)
@@ -531,18 +568,21 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     if remat and mode != "train":
         raise PlanError("--remat applies to --mode train only (inference keeps no activations for a backward)")
     kv_split = paged_kv_arithmetic(cfg, shape, page_size, seq)["head_split"] if mode == "serve" else None
-    arith = step_arithmetic(cfg, mode, batch, seq, shape, remat, attention_split=kv_split)
+    arith = step_arithmetic(cfg, mode, batch, seq, shape, remat, attention_split=kv_split, quantize=quantize,
+                            kv_cache_dtype=kv_cache_dtype)
     report: dict[str, Any] = {
         "topology": topology, "slice": slice_name(topology), "chips": len(devices), "mesh": mesh_spec,
-        "mode": mode, "remat": remat, "batch": batch, "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
+        "mode": mode, "remat": remat, "quantize": quantize, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
+        "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
         "arithmetic": arith, "roofline": roofline(arith, chip),
     }
     if mode == "serve":
-        report.update(_plan_serve(cfg, mesh, shape, chip, batch, seq, page_size, margin, verify))
+        report.update(_plan_serve(cfg, mesh, shape, chip, batch, seq, page_size, margin, verify, quantize,
+                                  kv_cache_dtype))
         return report
     t0 = time.perf_counter()
     try:
-        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat)
+        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat, quantize, kv_cache_dtype)
         report["weights_gib"], report["kv_cache_gib"] = weights / GiB, kv / GiB
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, depending on the version
@@ -576,7 +616,7 @@ def _si(x: float, unit: str) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     a, roof = r["arithmetic"], r["roofline"]
-    mode = r["mode"] + (" (remat)" if r.get("remat") else "")
+    mode = _mode_label(r)
     lines = [f"dots.llm1 ({r['config']}, {a['total_params'] / 1e9:.1f}B params) {mode}: batch {r['batch']}, "
              f"seq {r['seq']} on {r['slice']} ({r['topology']}, {r['chips']} chips), mesh {r['mesh']}"]
     if r["mode"] == "serve":
@@ -643,13 +683,19 @@ def _serve_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _mode_label(r: dict[str, Any]) -> str:
+    extras = [x for x, on in (("remat", r.get("remat")), ("int8 weights", r.get("quantize")),
+                              ("int8 KV", r.get("kv_cache_dtype"))) if on]
+    return r["mode"] + (f" ({', '.join(extras)})" if extras else "")
+
+
 def table_row(r: dict[str, Any]) -> str:
     mem = f"{r['memory_gib']['total']:.1f}" if r["fits"] else f"**does not fit** ({r['needs_gib']:.0f} needed)" \
         if r.get("needs_gib") else "**does not fit**"
     tps = f"{r['roofline']['tokens_per_s']:,.0f} ({r['roofline']['bound']})" if r["fits"] else "-"
     weights = f"{r['weights_gib']:.1f}" if "weights_gib" in r else "-"
     kv = f"{r['kv_cache_gib']:.1f}" if "kv_cache_gib" in r else "-"
-    mode = r["mode"] + (" (remat)" if r.get("remat") else "")
+    mode = _mode_label(r)
     return (f"| {r['slice']} (`{r['topology']}`) | `{r['mesh']}` | {mode} | {r['batch']} x {r['seq']} | "
             f"{weights} | {kv} | {mem} / {r['hbm_gib']:g} | {tps} |")
 
@@ -695,11 +741,14 @@ def _main(argv: Sequence[str] | None) -> int:
                    help="serve: the share of HBM kept out of the KV page pool")
     p.add_argument("--no-verify", action="store_true",
                    help="serve: one compile, without compiling the step again with the pool it reports")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weights, as from_pretrained(..., quantize='int8')")
+    p.add_argument("--kv-cache-dtype", choices=["int8"], help="an int8 KV cache (per token and head scales)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
     report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
                   auto_layout=not args.no_auto_layout, remat=args.remat, page_size=args.page_size,
-                  margin=args.margin, verify=not args.no_verify)
+                  margin=args.margin, verify=not args.no_verify, quantize=args.quantize,
+                  kv_cache_dtype=args.kv_cache_dtype)
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

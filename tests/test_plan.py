@@ -190,6 +190,46 @@ def test_step_flops_and_bytes_per_chip_match_hand_arithmetic(mode, batch, seq, m
     assert roof["tokens_per_s"] == pytest.approx(tokens / max(flops / chips / 459e12, expected_bytes / 2765e9))
 
 
+def test_int8_weights_and_kv_bytes_by_hand() -> None:
+    """--quantize int8: the decoder's linear weights (q, k, v, o, the dense and shared MLPs, the routed experts) are
+    read as one byte each plus an f32 scale per output channel; the LM head, router and norms stay bf16.
+    --kv-cache-dtype int8: K and V one byte per element plus an f32 scale per token and head."""
+    from dots_jax.config import preset
+
+    cfg = preset("dots.llm1.inst")
+    hf = cfg.to_hf()
+    h, n, kv, d, layers = hf["hidden_size"], 32, 32, 128, 62
+    moe, dense, experts, width = 61, 1, 128, hf["moe_intermediate_size"]
+    shared = hf["n_shared_experts"] * width
+    attn_w, attn_s = layers * (2 * h * n * d + 2 * h * kv * d), layers * (n * d + 2 * kv * d + h)
+    mlp_w = dense * 3 * h * hf["intermediate_size"] + moe * 3 * h * shared
+    mlp_s = dense * (2 * hf["intermediate_size"] + h) + moe * (2 * shared + h)
+    routed_w, routed_s = moe * experts * 3 * h * width, moe * experts * (2 * width + h)
+    bf16 = layers * (2 * d + 2 * h) + h + moe * h * experts + hf["vocab_size"] * h  # norms, router, LM head
+    mesh = {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}
+    hit = 1 - (1 - 6 / 128) ** 64
+    weights = attn_w + 4 * attn_s + mlp_w + 4 * mlp_s + 2 * bf16 + (routed_w + 4 * routed_s) * hit / 16
+    kv_bytes = 64 * 4096 * layers * 2 * kv * (d + 4) / 64
+
+    a = planner.step_arithmetic(cfg, "decode", 64, 4096, mesh, quantize="int8", kv_cache_dtype="int8")
+    assert a["weights_read_per_chip"] == pytest.approx(weights, rel=1e-9)
+    assert a["kv_bytes_per_chip"] == pytest.approx(kv_bytes, rel=1e-9)
+    bf16_step = planner.step_arithmetic(cfg, "decode", 64, 4096, mesh)
+    assert 0.5 < a["weights_read_per_chip"] / bf16_step["weights_read_per_chip"] < 0.56
+    page = planner.paged_kv_arithmetic(cfg, mesh, 16, 4096, kv_cache_dtype="int8")["page_bytes_per_chip"]
+    assert page == layers * 16 * 2 * 2 * (d + 4)  # 2 KV heads per chip (expert=16 splits 32)
+
+
+def test_int8_decode_of_the_full_model_fits_half_the_v5e_chips() -> None:
+    """int8 weights and KV cache: decode 64 x 4096 of the 142B model compiles for a 32-chip v5e with the int8
+    Pallas gmm and fits its 16 GiB (bf16 needs 64 chips: the README's table); the int8 weights per chip are about
+    half the bf16 ones (the compiler's figures, from the abstract model's shardings)."""
+    r = planner.plan("v5e:4x8", "expert=8,fsdp=4", 64, 4096, "decode", quantize="int8", kv_cache_dtype="int8")
+    assert r["fits"] and r["memory_gib"]["total"] <= 16, r.get("compiler_message")
+    assert "dots_gmm" in r["mosaic_kernels"]
+    assert r["arithmetic"]["kv_bytes_per_chip"] == pytest.approx(r["kv_cache_gib"] * 2**30, rel=0.01)
+
+
 def test_compiled_plan_reports_the_hand_arithmetic(decode) -> None:
     """plan() passes its batch, seq, mode and mesh through to the arithmetic (reusing the module's compile)."""
     from dots_jax.config import preset
