@@ -5,8 +5,10 @@ default 512 and 4096: our prefill, generate() with one new token, against transf
 logits_to_keep=1, as its generate() prefills), decode tokens/s
 at batch 1 and 8, the ratios (ours / reference), and the batch-1 memory-bandwidth floor: the bytes of the weights
 one decode step must read (attention, dense/shared MLPs, the chosen experts, the head) / the machine's measured
-copy bandwidth, and our fraction of it. transformers runs its default attention (sdpa), dots_jax the
---attention-backend (default auto). Prints a table and writes JSON.
+copy bandwidth, and our fraction of it. Then our decode with int8 weights (from_pretrained(..., quantize="int8"):
+the linear layers int8 with f32 scales, the LM head f32) at batch 1 and 8, its speed-up over our f32 decode, and
+its batch-1 fraction of the floor computed from the int8 bytes. transformers runs its default attention (sdpa),
+dots_jax the --attention-backend (default auto). Prints a table and writes JSON.
 
     python benchmarks/generate_cpu.py [--configs small,large] [--prefill-tokens 512,4096]
                                       [--attention-backend auto] [--out benchmarks/results/generate_cpu.json]
@@ -76,17 +78,24 @@ def copy_bandwidth(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def active_weight_bytes(cfg: transformers.Dots1Config, itemsize: int = 4) -> int:
-    """Weights one token reads: every non-expert weight, top-k routed experts per MoE layer, one embedding row."""
-    h, d = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-    attn = h * d * (2 * cfg.num_attention_heads + 2 * cfg.num_key_value_heads)
-    expert = 3 * h * cfg.moe_intermediate_size
+def active_weight_bytes(cfg: transformers.Dots1Config, itemsize: int = 4, int8: bool = False) -> int:
+    """Weights one token reads: every non-expert weight, top-k routed experts per MoE layer, one embedding row.
+    int8: the linear layers' weights one byte each plus an f32 scale per output channel (router, embedding row
+    and LM head in `itemsize`)."""
+    h, n, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    d = h // n
+    width, dense_width = cfg.moe_intermediate_size, cfg.intermediate_size
     dense_layers = cfg.first_k_dense_replace
     moe_layers = cfg.num_hidden_layers - dense_layers
-    params = (cfg.num_hidden_layers * attn + dense_layers * 3 * h * cfg.intermediate_size
-              + moe_layers * (h * cfg.n_routed_experts + cfg.num_experts_per_tok * expert
-                              + cfg.n_shared_experts * expert) + cfg.vocab_size * h + h)
-    return params * itemsize
+    experts = cfg.num_experts_per_tok + cfg.n_shared_experts  # each of the shared ones as wide as a routed one
+    linear = (cfg.num_hidden_layers * h * d * (2 * n + 2 * kv) + dense_layers * 3 * h * dense_width
+              + moe_layers * experts * 3 * h * width)
+    scales = (cfg.num_hidden_layers * (n * d + 2 * kv * d + h) + dense_layers * (2 * dense_width + h)
+              + moe_layers * experts * (2 * width + h))
+    other = moe_layers * h * cfg.n_routed_experts + cfg.vocab_size * h + h
+    if int8:
+        return linear + 4 * scales + other * itemsize
+    return (linear + other) * itemsize
 
 
 def timed(fn, repeats: int = 2) -> float:
@@ -107,8 +116,11 @@ def bench_config(name: str, overrides: dict, bandwidth: float, prefill_tokens: l
     ref.set_attn_implementation("sdpa")  # the oracle's builder picks eager; users get transformers' default
     params = sum(p.numel() for p in ref.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        ours = dots_jax.from_pretrained(save(ref, Path(tmp) / name), dtype=jnp.float32,
-                                        attention_backend=attention_backend, progress=False)
+        path = save(ref, Path(tmp) / name)
+        ours = dots_jax.from_pretrained(path, dtype=jnp.float32, attention_backend=attention_backend,
+                                        progress=False)
+        ours_int8 = dots_jax.from_pretrained(path, dtype=jnp.float32, attention_backend=attention_backend,
+                                             progress=False, quantize="int8")
     rng = np.random.default_rng(0)
     row = {"config": name, "params_M": round(params / 1e6, 1), "attention_backend": attention_backend,
            "attn_implementation": ref.config._attn_implementation}
@@ -132,21 +144,32 @@ def bench_config(name: str, overrides: dict, bandwidth: float, prefill_tokens: l
             row[f"prefill_{n}_attention_backend"] = default_backend(s, s + bucket_length(1))
         print(f"[{name}] prefill {n}: ours {n / ours_prefill:.1f} tok/s, ref {n / ref_prefill:.1f} tok/s", flush=True)
 
+    def decode_s(model, prompts: list[list[int]]) -> float:
+        # Decode time = (prefill + N tokens) - (prefill + 1 token), so the prompt does not count.
+        return (timed(lambda: generate(model, prompts, max_new_tokens=DECODE_TOKENS + 1, stop_token_ids=[]))
+                - timed(lambda: generate(model, prompts, max_new_tokens=1, stop_token_ids=[])))
+
     for batch in (1, 8):
         prompts = rng.integers(0, cfg.vocab_size, size=(batch, 16)).tolist()
-        # Decode time = (prefill + N tokens) - (prefill + 1 token), so the prompt does not count.
-        t_ours = (timed(lambda p=prompts: generate(ours, p, max_new_tokens=DECODE_TOKENS + 1, stop_token_ids=[]))
-                  - timed(lambda p=prompts: generate(ours, p, max_new_tokens=1, stop_token_ids=[])))
+        t_ours = decode_s(ours, prompts)
+        t_int8 = decode_s(ours_int8, prompts)
         ids = torch.tensor(prompts)
         with torch.no_grad():
             def hf_gen(n: int, ids: torch.Tensor = ids):
                 return lambda: ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
             t_ref = timed(hf_gen(DECODE_TOKENS + 1)) - timed(hf_gen(1))
         row[f"decode_b{batch}_tok_s"] = {"ours": batch * DECODE_TOKENS / t_ours, "ref": batch * DECODE_TOKENS / t_ref}
+        row[f"decode_b{batch}_int8_tok_s"] = batch * DECODE_TOKENS / t_int8
+        row[f"decode_b{batch}_int8_over_f32"] = t_ours / t_int8
+        print(f"[{name}] decode b{batch}: ours {batch * DECODE_TOKENS / t_ours:.1f} tok/s (int8 weights "
+              f"{batch * DECODE_TOKENS / t_int8:.1f}), ref {batch * DECODE_TOKENS / t_ref:.1f} tok/s", flush=True)
 
     floor = bandwidth / active_weight_bytes(cfg)
     row["decode_b1_floor_tok_s"] = floor
     row["decode_b1_fraction_of_floor"] = row["decode_b1_tok_s"]["ours"] / floor
+    floor_int8 = bandwidth / active_weight_bytes(cfg, int8=True)
+    row["decode_b1_int8_floor_tok_s"] = floor_int8
+    row["decode_b1_int8_fraction_of_floor"] = row["decode_b1_int8_tok_s"] / floor_int8
     return row
 
 
@@ -180,6 +203,11 @@ def main() -> int:
                   f"{r['ours']:>11.1f} {r['ref']:>10.1f} {r['ours'] / r['ref']:>6.2f}")
         print(f"{'':8} batch-1 bandwidth floor {row['decode_b1_floor_tok_s']:.1f} tok/s; "
               f"ours = {100 * row['decode_b1_fraction_of_floor']:.0f}% of it")
+        for batch in (1, 8):
+            print(f"{'':8} int8 weights, decode b{batch}: {row[f'decode_b{batch}_int8_tok_s']:.1f} tok/s = "
+                  f"{row[f'decode_b{batch}_int8_over_f32']:.2f}x ours in f32")
+        print(f"{'':8} int8 batch-1 bandwidth floor {row['decode_b1_int8_floor_tok_s']:.1f} tok/s (int8 bytes); "
+              f"ours = {100 * row['decode_b1_int8_fraction_of_floor']:.0f}% of it")
     print(f"wrote {write_results(args.out, {'machine': machine, 'results': rows})}")
     return 0
 
