@@ -151,10 +151,11 @@ def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     else:
         scales = (None, None, None)
         weights = tuple(w.astype(dtype) for w in (gate, up, down))
-    if backend == "loop" or (backend == "gather" and scales[0] is not None):
+    if scales[0] is not None and backend in ("gather", "loop") and rows.shape[0] <= min(gate.shape[0], ROW_PRODUCTS):
+        backend = "gather"  # int8 at decode sizes: one product per row, no loop (see gmm_gather)
+    elif backend == "loop":
         # The same computation fused into one loop over row tiles forward and one backward, instead of three
-        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls. With int8
-        # weights "gather" runs here too, one row per tile (see gmm_gather).
+        # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
         return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales)
     h_gate = gmm(rows, weights[0], group_sizes, backend=backend, rhs_scale=scales[0])
     h_up = gmm(rows, weights[1], group_sizes, backend=backend, rhs_scale=scales[1])
@@ -200,18 +201,30 @@ def gmm_dense(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
 # ---------------------------------------------------------------------------------------------------------
 # "gather"
 
+ROW_PRODUCTS = 64  # with an int8 rhs, "gather" unrolls one product per row up to this many rows, else runs "loop"
+
 
 def gmm_gather(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
                preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
     """out[i] = lhs[i] @ rhs[group of row i]: gathers one weight matrix per row, so it reads only the experts
     some row chose. For decode-sized m (a few rows per step, m <= g) that is the least memory traffic of all
     backends, and it is one batched matmul with no loop; for large m it copies m matrices: use "loop"."""
-    if rhs_scale is not None:
-        # An int8 rhs: gathered and converted, the m matrices would be written out in f32 and read again (XLA:CPU
-        # does not fuse a convert into a dot); the loop backend at one row per tile (int8_row_tile at 2m <= g)
-        # reads the same chosen int8 matrices one at a time, and measured 2x faster (benchmarks/quant_cpu.py).
-        return gmm_loop(lhs, rhs, group_sizes, preferred_element_type, rhs_scale=rhs_scale)
     group, valid = row_groups(group_sizes, lhs.shape[0])
+    if rhs_scale is not None:
+        if lhs.shape[0] > ROW_PRODUCTS:
+            return gmm_loop(lhs, rhs, group_sizes, preferred_element_type, rhs_scale=rhs_scale)
+        # An int8 rhs, gathered and converted, would be written out as m f32 matrices and read again (XLA:CPU does
+        # not fuse a convert into a dot); a loop over the rows (the "loop" backend at one row per tile) would take
+        # rhs as a loop operand, and inside the model's scan over layers that copies the layer's whole [g, k, n]
+        # slice every step. One product per row, unrolled, converts each chosen matrix into a small buffer straight
+        # from wherever rhs lives (benchmarks/quant_cpu.py).
+        x = lhs.astype(jnp.float32)
+        out = jnp.concatenate([
+            jnp.dot(x[i:i + 1], jax.lax.dynamic_index_in_dim(rhs, group[i], axis=0, keepdims=False).astype(jnp.float32),
+                    preferred_element_type=jnp.float32)
+            * jax.lax.dynamic_index_in_dim(rhs_scale, group[i], axis=0, keepdims=True)
+            for i in range(lhs.shape[0])])
+        return round_to(jnp.where(valid[:, None], out, 0.0), preferred_element_type)
     # The weights are gathered in f32: the gather's gradient scatter-adds one [k, n] product per row into rhs's
     # gradient, and in bf16 each addition rounds (a bf16 d_rhs entry measured 4x off its float64 value); in f32 it
     # is rounded once. XLA converts only the gathered rows, and a product of bf16 values is exact in f32.
