@@ -30,9 +30,9 @@ int8 rhs (weight-only quantisation, ops.quant): gmm(..., rhs_scale=) with rhs in
 [g, n], one scale per group and output column. "dense" dequantises the whole rhs up front (the reference); every
 other backend reads the int8 rhs, converts it where it multiplies (per tile on CPU, in VMEM or in registers in the
 Pallas kernels) and scales the f32 output per row by its group's scale, rounding once. With an int8 rhs "gather"
-runs as "loop" with one row per tile (cpu_loops.int8_row_tile), which reads the same chosen matrices without
-writing out f32 copies of them. The int8 rhs has no gradient and its scale is a constant (stop_gradient: a zero
-cotangent); lhs gradients are exact.
+runs one unrolled product per row (up to ROW_PRODUCTS rows; "loop" beyond), and expert_ffn runs "gather" for
+"loop" too at decode sizes (m <= g): see gmm_gather. The int8 rhs has no gradient and its scale is a constant
+(stop_gradient: a zero cotangent); lhs gradients are exact.
 """
 
 from __future__ import annotations
