@@ -43,9 +43,10 @@ def blocked_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax
     def block(j: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
         top, total, acc = carry
         pages = jax.lax.dynamic_slice_in_dim(table, j * per_block, per_block, axis=1)
-        kv = _layer(kv_pages, layer)[pages].reshape(b, slots, combined, d).astype(jnp.float32)
+        where = pages if layer is None else (layer, pages)
+        kv = kv_pages[where].reshape(b, slots, combined, d).astype(jnp.float32)
         if scale_pages is not None:  # an int8 pool: one scale per token and key or value head
-            kv = kv * _layer(scale_pages, layer)[pages].reshape(b, slots, combined, 1)
+            kv = kv * scale_pages[where].reshape(b, slots, combined, 1)
         k, v = kv[:, :, 0::2], kv[:, :, 1::2]  # [B, slots, KV, D]
         k_pos = j * slots + jnp.arange(slots, dtype=jnp.int32)
         distance = q_pos[:, :, None] - k_pos[None, None, :]  # [B, S, slots]
@@ -69,8 +70,3 @@ def blocked_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax
     real = jnp.arange(s)[None, :] < q_lens[:, None]
     return jnp.where(real[:, :, None, None], out, 0.0).astype(q.dtype)
 
-
-def _layer(pool: jax.Array, layer: int | jax.Array | None) -> jax.Array:
-    """A layer's pages of a stack's pool. XLA:CPU fuses this slice into the page gather that follows; indexing
-    [layer, pages] in one gather instead ran three times slower."""
-    return pool if layer is None else jax.lax.dynamic_index_in_dim(pool, layer, 0, keepdims=False)
