@@ -171,6 +171,14 @@ def test_paged_attention_over_an_int8_pool_equals_attention_over_the_dequantised
         paged_attention(q, values, table, kv_lens, q_lens, backend="ragged", layer=1, scale_pages=scales)
 
 
+def test_auto_paged_backend_on_tpu_picks_the_kernel_for_a_float_cache_and_blocked_for_int8(monkeypatch) -> None:
+    from dots_jax.ops import paged_attention as module
+
+    monkeypatch.setattr(module.jax, "default_backend", lambda: "tpu")
+    assert module.default_paged_backend() == "ragged"
+    assert module.default_paged_backend(int8=True) == "blocked"
+
+
 # ------------------------------------------------------------------------------------- models and generation
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

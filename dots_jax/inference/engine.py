@@ -293,7 +293,8 @@ class Engine:
         num_pages = max_batch * self.pages_per_seq if kv_pages is None else kv_pages
         if not isinstance(num_pages, int) or num_pages < 1:
             raise ValueError(f"kv_pages must be an integer >= 1, got {kv_pages!r}")
-        self.backend = default_paged_backend() if attention_backend == "auto" else attention_backend
+        self.backend = (default_paged_backend(int8=kv_cache_dtype is not None) if attention_backend == "auto"
+                        else attention_backend)
 
         tune_allocator()
         self.graphdef, self.state = nnx.split(model)

@@ -114,8 +114,11 @@ def _zero_padding(out: jax.Array, q_lens: jax.Array) -> jax.Array:
     return jnp.where(real[:, :, None, None], out, jnp.zeros((), out.dtype))
 
 
-def default_paged_backend() -> str:
-    return "ragged" if jax.default_backend() == "tpu" and "ragged" in PAGED_BACKENDS else "blocked"
+def default_paged_backend(int8: bool = False) -> str:
+    """"ragged" (the TPU kernel) on TPU, else "blocked". An int8 pool gets "blocked" everywhere: the kernel takes no
+    per-token scales (ragged_paged.INT8_KV_UNSUPPORTED)."""
+    tpu = jax.default_backend() == "tpu" and "ragged" in PAGED_BACKENDS
+    return "ragged" if tpu and not int8 else "blocked"
 
 
 def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
@@ -137,7 +140,7 @@ def paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, 
         raise ValueError(f"paged attention tables: page_indices {page_indices.shape} (want [{b}, M]), kv_lens "
                          f"{kv_lens.shape} and q_lens {q_lens.shape} (want [{b}])")
     if backend == "auto":
-        backend = default_paged_backend()
+        backend = default_paged_backend(int8=scale_pages is not None)
     if backend not in PAGED_BACKENDS:
         raise ValueError(f"unknown paged attention backend {backend!r}; known: {sorted(PAGED_BACKENDS)} (or 'auto')")
     return PAGED_BACKENDS[backend](q, kv_pages, page_indices.astype(jnp.int32), kv_lens.astype(jnp.int32),

@@ -46,8 +46,8 @@ LANES = 128  # the kernel's head dim must be a multiple of the TPU's lane width
 # and Mosaic needs it row-major: XLA then relays the whole pool out, 16x padded, before every layer's call.
 INT8_KV_UNSUPPORTED = (
     "kv_cache_dtype='int8' is not supported by the 'ragged' paged attention backend (the TPU kernel, the serving "
-    "engine's default on TPU): it takes no per-token scales. Use the 'blocked' or 'reference' paged backend "
-    "(Engine(..., attention_backend='blocked')) or leave kv_cache_dtype unset")
+    "engine's default on TPU with a float cache): it takes no per-token scales. Use 'auto' (which picks 'blocked' "
+    "for an int8 cache), 'blocked' or 'reference'")
 
 
 def ragged_paged_attention(q: jax.Array, kv_pages: jax.Array, page_indices: jax.Array, kv_lens: jax.Array,
