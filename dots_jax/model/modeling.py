@@ -19,9 +19,21 @@ from dots_jax.config import Dots1Config
 from dots_jax.model.attention import Attention, rope_tables
 from dots_jax.model.cache import KVCache, LayerStackCache, PagedKVCache, PageTable
 from dots_jax.model.layers import CONTRACTED, DType, RMSNorm, check_quantize, linear, param, read
+from dots_jax.model.lora import (
+    LoraConfig,
+    adapt,
+    adapter,
+    fold,
+    for_target,
+    init_adapters,
+    lora_a,
+    lora_b,
+    weight_key,
+)
 from dots_jax.model.moe import RouterStats, expert_parallel, moe_experts, route, routing_stats
 from dots_jax.ops.attention import NO_WINDOW
 from dots_jax.ops.common import round_to, silu
+from dots_jax.ops.gmm import Dropout, ExpertLora
 from dots_jax.ops.paged_attention import slot_positions
 from dots_jax.ops.quant import dequantize, qeinsum
 from dots_jax.parallel.sharding import constrain, current_mesh
@@ -35,28 +47,41 @@ class RouterBias(nnx.Variable):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Used for the dense layers and for the shared experts."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). Used for the dense layers and for the shared experts. With `lora`,
+    gate, up and down each get an adapter (dots_jax.model.lora)."""
 
     def __init__(self, hidden: int, width: int, *, axis_name: str, std: float, param_dtype: DType,
-                 rngs: nnx.Rngs, quantize: str | None = None):
+                 rngs: nnx.Rngs, quantize: str | None = None, lora: LoraConfig | None = None):
         self.gate_proj, self.gate_proj_scale = linear(rngs, (hidden, width), ("embed", axis_name), param_dtype,
                                                       name="gate_proj", quantize=quantize, std=std)
         self.up_proj, self.up_proj_scale = linear(rngs, (hidden, width), ("embed", axis_name), param_dtype,
                                                   name="up_proj", quantize=quantize, std=std)
         self.down_proj, self.down_proj_scale = linear(rngs, (width, hidden), (axis_name, "embed"), param_dtype,
                                                       name="down_proj", quantize=quantize, std=std)
+        self.lora = lora
+        inner, outer = ((hidden, "embed"),), ((width, axis_name),)
+        self.gate_proj_lora_a, self.gate_proj_lora_b = adapter(lora, inner, outer)
+        self.up_proj_lora_a, self.up_proj_lora_b = adapter(lora, inner, outer)
+        self.down_proj_lora_a, self.down_proj_lora_b = adapter(lora, outer, inner)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = (silu(qeinsum("...h,hi->...i", x, self.gate_proj[...], read(self.gate_proj_scale)))
-             * qeinsum("...h,hi->...i", x, self.up_proj[...], read(self.up_proj_scale)))
-        return qeinsum("...i,ih->...h", h, self.down_proj[...], read(self.down_proj_scale))
+    def _linear(self, x: jax.Array, name: str, lora_key: jax.Array | None) -> jax.Array:
+        y = qeinsum("...h,hi->...i", x, getattr(self, name)[...], read(getattr(self, f"{name}_scale")))
+        return adapt(y, x, getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b"), self.lora,
+                     weight_key(lora_key, name), "...h,hr->...r", "...r,ri->...i")
+
+    def __call__(self, x: jax.Array, lora_key: jax.Array | None = None) -> jax.Array:
+        h = silu(self._linear(x, "gate_proj", lora_key)) * self._linear(x, "up_proj", lora_key)
+        return self._linear(h, "down_proj", lora_key)
 
 
 class MoE(nnx.Module):
-    """Routed experts (sigmoid router, top-k, dropless) plus the shared experts, which are not scaled."""
+    """Routed experts (sigmoid router, top-k, dropless) plus the shared experts, which are not scaled.
+
+    lora: the LoRA config of the whole model; the routed experts are adapted when it targets "experts" (one A
+    shared by gate and up, dots_jax.model.lora), the shared experts when it targets "shared"."""
 
     def __init__(self, cfg: Dots1Config, *, param_dtype: DType, moe_backend: str, rngs: nnx.Rngs,
-                 quantize: str | None = None):
+                 quantize: str | None = None, lora: LoraConfig | None = None):
         h, e, i = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
         std = cfg.initializer_range
         self.cfg = cfg
@@ -71,9 +96,21 @@ class MoE(nnx.Module):
                                                   name="up_proj", quantize=quantize, std=std)
         self.down_proj, self.down_proj_scale = linear(rngs, (e, i, h), ("expert", "moe_mlp", "embed"), param_dtype,
                                                       name="down_proj", quantize=quantize, std=std)
+        self.lora = for_target(lora, "experts")
+        if self.lora is None:
+            self.gate_up_proj_lora_a = self.gate_proj_lora_b = self.up_proj_lora_b = None
+            self.down_proj_lora_a = self.down_proj_lora_b = None
+        else:
+            r, expert = self.lora.rank, ((e, "expert"),)
+            self.gate_up_proj_lora_a = lora_a(r, ((h, "embed"),), lead=expert)
+            self.gate_proj_lora_b = lora_b(r, ((i, "moe_mlp"),), lead=expert)
+            self.up_proj_lora_b = lora_b(r, ((i, "moe_mlp"),), lead=expert)
+            self.down_proj_lora_a = lora_a(r, ((i, "moe_mlp"),), lead=expert)
+            self.down_proj_lora_b = lora_b(r, ((h, "embed"),), lead=expert)
         if cfg.n_shared_experts:
             self.shared_experts = MLP(h, cfg.shared_intermediate_size, axis_name="mlp", std=std,
-                                      param_dtype=param_dtype, rngs=rngs, quantize=quantize)
+                                      param_dtype=param_dtype, rngs=rngs, quantize=quantize,
+                                      lora=for_target(lora, "shared"))
         else:
             self.shared_experts = None
 
@@ -84,25 +121,45 @@ class MoE(nnx.Module):
                      top_k=cfg.num_experts_per_tok, n_group=cfg.n_group, topk_group=cfg.topk_group,
                      norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor)
 
-    def __call__(self, x: jax.Array, token_valid: jax.Array) -> tuple[jax.Array, RouterStats]:
-        """x [B, S, H]; token_valid [B, S] (padding is left out of the routing statistics)."""
+    def expert_lora(self, lora_key: jax.Array | None = None) -> tuple[ExpertLora | None, Dropout | None]:
+        """The routed experts' adapters as ops.gmm.expert_ffn takes them (the B factors times the scaling) and
+        their dropout (None without a key or at rate 0); (None, None) when the experts are not adapted."""
+        if self.lora is None:
+            return None, None
+        scaling = self.lora.scaling
+        lora = ExpertLora(self.gate_up_proj_lora_a[...], scaling * self.gate_proj_lora_b[...],
+                          scaling * self.up_proj_lora_b[...], self.down_proj_lora_a[...],
+                          scaling * self.down_proj_lora_b[...])
+        drop = None
+        if lora_key is not None and self.lora.dropout > 0:
+            drop = Dropout(weight_key(lora_key, "gate_up_proj"), jnp.asarray(self.lora.dropout, jnp.float32))
+        return lora, drop
+
+    def __call__(self, x: jax.Array, token_valid: jax.Array, lora_key: jax.Array | None = None
+                 ) -> tuple[jax.Array, RouterStats]:
+        """x [B, S, H]; token_valid [B, S] (padding is left out of the routing statistics); lora_key: the
+        adapters' dropout key (None: no dropout)."""
         weights, experts, logits = self.router_outputs(x)
         args = (x.reshape(-1, x.shape[-1]), weights, experts, self.gate_proj[...], self.up_proj[...],
                 self.down_proj[...])
         scales = None
         if self.gate_proj_scale is not None:
             scales = (self.gate_proj_scale[...], self.up_proj_scale[...], self.down_proj_scale[...])
+        lora, drop = self.expert_lora(lora_key)
         mesh = current_mesh()
         # Under any multi-device mesh, even one without an expert axis: Mosaic (Pallas TPU) kernels cannot be
         # partitioned by XLA, only run per device inside shard_map.
         if mesh is not None and mesh.size > 1:
-            routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend, scales=scales)
+            routed = expert_parallel(*args, mesh=mesh, backend=self.moe_backend, scales=scales, lora=lora,
+                                     dropout=drop)
         else:
-            routed = moe_experts(*args, backend=self.moe_backend, scales=scales)
+            routed = moe_experts(*args, backend=self.moe_backend, scales=scales, lora=lora, dropout=drop)
         out = routed.reshape(x.shape)
         b, s = x.shape[:2]
         stats = routing_stats(logits.reshape(b, s, -1), experts.reshape(b, s, -1), token_valid)
-        return (out if self.shared_experts is None else rounded_add(out, self.shared_experts(x))), stats
+        if self.shared_experts is None:
+            return out, stats
+        return rounded_add(out, self.shared_experts(x, weight_key(lora_key, "shared_experts"))), stats
 
 
 def rounded_add(x: jax.Array, y: jax.Array) -> jax.Array:
@@ -113,34 +170,37 @@ def rounded_add(x: jax.Array, y: jax.Array) -> jax.Array:
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Dots1Config, *, moe: bool, param_dtype: DType, moe_backend: str,
-                 attention_backend: str, rngs: nnx.Rngs, quantize: str | None = None):
+                 attention_backend: str, rngs: nnx.Rngs, quantize: str | None = None,
+                 lora: LoraConfig | None = None):
         eps = cfg.rms_norm_eps
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype, axis_name="embed",
                                        rngs=rngs)
         self.self_attn = Attention(cfg, param_dtype=param_dtype, backend=attention_backend, rngs=rngs,
-                                   quantize=quantize)
+                                   quantize=quantize, lora=for_target(lora, "attn"))
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, param_dtype=param_dtype,
                                                 axis_name="embed", rngs=rngs)
         if moe:
-            self.mlp = MoE(cfg, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs, quantize=quantize)
+            self.mlp = MoE(cfg, param_dtype=param_dtype, moe_backend=moe_backend, rngs=rngs, quantize=quantize,
+                           lora=lora)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, axis_name="mlp", std=cfg.initializer_range,
-                           param_dtype=param_dtype, rngs=rngs, quantize=quantize)
+                           param_dtype=param_dtype, rngs=rngs, quantize=quantize, lora=for_target(lora, "mlp"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, q_pos: jax.Array, k_pos: jax.Array,
                  key_valid: jax.Array, window: int | jax.Array, q_offset: int | jax.Array | None,
                  token_valid: jax.Array, kv: LayerStackCache | tuple[jax.Array, jax.Array | None] | None = None,
-                 index: jax.Array | None = None, pages: PageTable | None = None
+                 index: jax.Array | None = None, pages: PageTable | None = None, lora_key: jax.Array | None = None
                  ) -> tuple[jax.Array, LayerStackCache | tuple[jax.Array, jax.Array | None] | None,
                             RouterStats | None]:
+        """lora_key: this layer's adapter dropout key (None: no dropout)."""
         attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, k_pos, key_valid, window, q_offset,
-                                  kv, index, pages)
+                                  kv, index, pages, lora_key=fold(lora_key, 0))
         x = rounded_add(x, attn)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            out, stats = self.mlp(h, token_valid)
+            out, stats = self.mlp(h, token_valid, fold(lora_key, 1))
             return rounded_add(x, out), kv, stats
-        return rounded_add(x, self.mlp(h)), kv, None
+        return rounded_add(x, self.mlp(h, fold(lora_key, 1))), kv, None
 
 
 def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx.Rngs) -> DecoderLayer | None:
@@ -158,11 +218,12 @@ def _layer_stack(count: int, make: Callable[[nnx.Rngs], DecoderLayer], rngs: nnx
 
 def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos: jax.Array, sin: jax.Array,
                q_pos: jax.Array, k_pos: jax.Array, key_valid: jax.Array, q_offset: int | jax.Array | None,
-               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None, remat: bool
-               ) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
+               token_valid: jax.Array, cache: LayerStackCache | None, index: jax.Array | None, remat: bool,
+               lora_key: jax.Array | None = None) -> tuple[jax.Array, LayerStackCache | None, RouterStats | None]:
     """Run stacked layers under one scan; `windows` holds each layer's attention window, and the cache (if any)
     is scanned along with the parameters, each layer reading and writing its own slice. With `remat` the backward
-    pass recomputes each layer from its input instead of keeping its activations."""
+    pass recomputes each layer from its input instead of keeping its activations. lora_key: the stack's adapter
+    dropout key, folded with each layer's number in the stack (None: no dropout)."""
     if stack is None:
         return x, cache, None
     graphdef, state = nnx.split(stack)
@@ -170,18 +231,19 @@ def _run_stack(stack: DecoderLayer | None, x: jax.Array, windows: list[int], cos
     # (splash); layers that differ scan theirs as a traced value.
     uniform = len(set(windows)) == 1
     scanned_windows = None if uniform else jnp.asarray(windows, jnp.int32)
+    layer_numbers = None if lora_key is None else jnp.arange(len(windows), dtype=jnp.int32)
 
     def body(h: jax.Array, layer_in: tuple) -> tuple[jax.Array, tuple]:
-        layer_state, window, kv = layer_in
+        layer_state, window, kv, layer = layer_in
         window = windows[0] if uniform else window
         h, kv, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, q_pos, k_pos, key_valid, window, q_offset,
-                                                        token_valid, kv, index)
+                                                        token_valid, kv, index, lora_key=fold(lora_key, layer))
         return constrain(h, ACTIVATION), (kv, stats)
 
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     # The cache is scanned as it is: each layer gets its own [B, T, KV, D] slices (and scales, if int8).
-    x, (cache, stats) = jax.lax.scan(body, x, (state, scanned_windows, cache))
+    x, (cache, stats) = jax.lax.scan(body, x, (state, scanned_windows, cache, layer_numbers))
     return x, cache, stats
 
 
@@ -219,15 +281,20 @@ class Dots1ForCausalLM(nnx.Module):
     quantize="int8": weight-only int8 for every linear layer (attention q/k/v/o, the dense and shared MLPs, the
     routed experts), each an int8 nnx.Param under its usual name and logical axes with a sibling f32 `<name>_scale`
     per output channel (dots_jax.ops.quant); the embedding, norms, router, correction bias and biases stay as they
-    are. quantize_head=True quantises the LM head too (an untied one only; off by default)."""
+    are. quantize_head=True quantises the LM head too (an untied one only; off by default).
+
+    lora: LoRA adapters (f32 nnx.LoRAParam) beside the weights lora.targets names (dots_jax.model.lora), on a float
+    or int8 base; `model.lora` holds the config (None: no adapters)."""
 
     def __init__(self, cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
                  moe_backend: str = "auto", attention_backend: str = "auto", rngs: nnx.Rngs,
-                 quantize: str | None = None, quantize_head: bool = False):
+                 quantize: str | None = None, quantize_head: bool = False, lora: LoraConfig | None = None):
         param_dtype = param_dtype or dtype
         std = cfg.initializer_range
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
+        self.moe_backend, self.attention_backend = moe_backend, attention_backend
+        self.lora = lora
         self.quantize = check_quantize(quantize)
         if quantize_head and quantize is None:
             raise ValueError("quantize_head=True needs quantize (e.g. quantize='int8')")
@@ -237,7 +304,7 @@ class Dots1ForCausalLM(nnx.Module):
 
         def layer(moe: bool) -> Callable[[nnx.Rngs], DecoderLayer]:
             return lambda r: DecoderLayer(cfg, moe=moe, param_dtype=param_dtype, moe_backend=moe_backend,
-                                          attention_backend=attention_backend, rngs=r, quantize=quantize)
+                                          attention_backend=attention_backend, rngs=r, quantize=quantize, lora=lora)
 
         self.dense_layers = _layer_stack(cfg.num_dense_layers, layer(False), rngs)
         self.moe_layers = _layer_stack(cfg.num_moe_layers, layer(True), rngs)
@@ -249,6 +316,15 @@ class Dots1ForCausalLM(nnx.Module):
             self.lm_head, self.lm_head_scale = linear(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                                       param_dtype, name="lm_head",
                                                       quantize=quantize if self.quantize_head else None, std=std)
+        if lora is not None:  # last: the base weights are then what this seed draws without adapters
+            init_adapters(self, rngs.params())
+
+    def options(self) -> dict:
+        """The keyword arguments that build this model's structure again (with cfg and rngs): what
+        dots_jax.model.lora's attach_lora and merge_lora rebuild it from. param_dtype is the embedding's."""
+        return dict(dtype=self.dtype, param_dtype=self.embed_tokens.get_value().dtype, moe_backend=self.moe_backend,
+                    attention_backend=self.attention_backend, quantize=self.quantize,
+                    quantize_head=self.quantize_head, lora=self.lora)
 
     def _windows(self, layers: range) -> list[int]:
         return [self.cfg.layer_window(i) or NO_WINDOW for i in layers]
@@ -267,14 +343,17 @@ class Dots1ForCausalLM(nnx.Module):
 
     def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
                       attention_mask: jax.Array | None = None, cache: KVCache | PagedKVCache | None = None, *,
-                      remat: bool = False, pages: PageTable | None = None
+                      remat: bool = False, pages: PageTable | None = None, lora_key: jax.Array | None = None
                       ) -> tuple[jax.Array, KVCache | PagedKVCache | None, RouterStats | None]:
         """As forward, but the final-norm hidden states [B, S, H] in place of the logits (the LM head is
         head_weight()); training applies the head fused with its loss (train.head_nll). `remat`: gradients
         recompute each layer in the backward pass (memory for long sequences, at about one more forward).
 
         The serving engine's paged cache: `cache` a PagedKVCache and `pages` its PageTable for this step, which
-        also gives the positions and the padding (positions and attention_mask must be None)."""
+        also gives the positions and the padding (positions and attention_mask must be None).
+
+        lora_key: dropout on the LoRA adapters' inputs (training), each layer and adapted weight drawing from its
+        own key folded from it; None: no dropout (evaluation, inference, and the paged cache always)."""
         cfg, dtype = self.cfg, self.dtype
         input_ids = jnp.asarray(input_ids)
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
@@ -301,10 +380,10 @@ class Dots1ForCausalLM(nnx.Module):
         moe = range(cfg.num_dense_layers, cfg.num_hidden_layers)
         x, dense_cache, _ = _run_stack(self.dense_layers, x, self._windows(dense), cos, sin, positions, k_pos,
                                        key_valid, q_offset, valid, None if cache is None else cache.dense, index,
-                                       remat)
+                                       remat, fold(lora_key, 0))
         x, moe_cache, stats = _run_stack(self.moe_layers, x, self._windows(moe), cos, sin, positions, k_pos,
                                          key_valid, q_offset, valid, None if cache is None else cache.moe, index,
-                                         remat)
+                                         remat, fold(lora_key, 1))
         if cache is not None:
             cache = KVCache(dense=dense_cache, moe=moe_cache, positions=k_pos, valid=key_valid, index=index + s)
         return self.norm(x), cache, stats
@@ -337,11 +416,11 @@ class Dots1ForCausalLM(nnx.Module):
         return dequantize(self.lm_head[...], self.lm_head_scale[...], CONTRACTED["lm_head"], self.dtype)
 
     def forward(self, input_ids: jax.Array, positions: jax.Array | None = None,
-                attention_mask: jax.Array | None = None, cache: KVCache | None = None
-                ) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+                attention_mask: jax.Array | None = None, cache: KVCache | None = None, *,
+                lora_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
         """As __call__, also returning each MoE layer's routing statistics (stacked on a leading layer axis;
-        None without MoE layers), which training uses for load balancing."""
-        x, cache, stats = self.hidden_states(input_ids, positions, attention_mask, cache)
+        None without MoE layers), which training uses for load balancing. lora_key: as hidden_states."""
+        x, cache, stats = self.hidden_states(input_ids, positions, attention_mask, cache, lora_key=lora_key)
         return constrain(self.logits(x), ("batch", "seq", "act_vocab")), cache, stats
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -353,24 +432,26 @@ class Dots1ForCausalLM(nnx.Module):
 
 def abstract_model(cfg: Dots1Config, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
                    moe_backend: str = "auto", attention_backend: str = "auto", seed: int = 0,
-                   quantize: str | None = None, quantize_head: bool = False) -> Dots1ForCausalLM:
+                   quantize: str | None = None, quantize_head: bool = False,
+                   lora: LoraConfig | None = None) -> Dots1ForCausalLM:
     """The model with ShapeDtypeStructs for weights: its structure, shapes and dtypes, no array computed (what a
     loader fills, a planner compiles, a checkpoint restores into)."""
     return nnx.eval_shape(lambda: Dots1ForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
                                                    moe_backend=moe_backend, attention_backend=attention_backend,
                                                    rngs=nnx.Rngs(seed), quantize=quantize,
-                                                   quantize_head=quantize_head))
+                                                   quantize_head=quantize_head, lora=lora))
 
 
 def random_model(cfg: Dots1Config, seed: int, *, dtype: DType = jnp.float32, param_dtype: DType | None = None,
                  moe_backend: str = "auto", attention_backend: str = "auto", quantize: str | None = None,
-                 quantize_head: bool = False) -> Dots1ForCausalLM:
+                 quantize_head: bool = False, lora: LoraConfig | None = None) -> Dots1ForCausalLM:
     """A randomly initialised model, its init compiled as one program at XLA's lowest optimisation level: it
     runs once, and compiled optimised, or op by op as eager init does, it takes 15+ s on a small CPU (~2 s this
     way). Deterministic for a seed on a given platform; not bitwise the eager init's numbers. With quantize, the
-    linear weights are an f32 model's random draws for the seed, quantised."""
+    linear weights are an f32 model's random draws for the seed, quantised. With lora, adapters as PEFT initialises
+    them (A random, B zero; dots_jax.model.lora)."""
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, moe_backend=moe_backend, attention_backend=attention_backend,
-                  quantize=quantize, quantize_head=quantize_head)
+                  quantize=quantize, quantize_head=quantize_head, lora=lora)
 
     def make() -> Dots1ForCausalLM:
         return Dots1ForCausalLM(cfg, rngs=nnx.Rngs(seed), **kwargs)

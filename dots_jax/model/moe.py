@@ -20,6 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from dots_jax.ops import gmm
 from dots_jax.ops.common import round_to
+from dots_jax.ops.gmm import Dropout, ExpertLora
 
 EXPERT_AXIS = "expert"
 # Mesh axes that split tokens inside the expert-parallel MoE (the psum path keeps them whole over "expert").
@@ -104,33 +105,38 @@ def moe_experts(
     *,
     backend: str = "auto",
     scales: Scales = None,
+    lora: ExpertLora | None = None,
+    dropout: Dropout | None = None,
 ) -> jax.Array:
     """Routed experts, dropless: every token copy is computed.
 
     x [T, H] in the activation dtype; weights [T, k] f32; indices [T, k]; gate/up [E, H, I]; down [E, I, H] (int8
-    with their per-expert, per-output-channel `scales`, or float with scales None).
+    with their per-expert, per-output-channel `scales`, or float with scales None). lora: the experts' LoRA adapters
+    [E, ...] and dropout their input dropout (ops.gmm.expert_ffn).
     Returns sum_k weights[t, k] * expert_{indices[t, k]}(x[t]), accumulated in f32 and cast once to x.dtype.
     """
     return round_to(local_experts(x, weights, indices, gate, up, down, first_expert=0, backend=backend,
-                                  scales=scales), x.dtype)
+                                  scales=scales, lora=lora, dropout=dropout), x.dtype)
 
 
 def local_experts(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
                   down: jax.Array, *, first_expert: jax.Array | int, backend: str = "auto",
-                  scales: Scales = None) -> jax.Array:
+                  scales: Scales = None, lora: ExpertLora | None = None, dropout: Dropout | None = None
+                  ) -> jax.Array:
     """The f32 combine of the copies routed to experts first_expert .. first_expert + E_local - 1, whose
     weights gate/up/down [E_local, ...] hold (megablox's `group_offset`); copies routed elsewhere add zero.
     Summed over all expert shards (a psum) this is moe_experts before its cast."""
     num_tokens, top_k = indices.shape
     copy_token = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k  # copy c belongs to token c // k
     out = expert_ffn(x, copy_token, indices.reshape(-1) - first_expert, gate, up, down, backend=backend,
-                     scales=scales)
+                     scales=scales, lora=lora, dropout=dropout)
     return jnp.einsum("tkh,tk->th", out.reshape(num_tokens, top_k, -1).astype(jnp.float32),
                       weights.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
 def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: jax.Array, up: jax.Array,
-               down: jax.Array, *, backend: str = "auto", scales: Scales = None) -> jax.Array:
+               down: jax.Array, *, backend: str = "auto", scales: Scales = None, lora: ExpertLora | None = None,
+               dropout: Dropout | None = None) -> jax.Array:
     """out[c] = SwiGLU expert `group[c]` applied to source[row_index[c]], or zeros where group[c] is outside
     [0, E) (another shard's expert, or padding). source [N, H]; row_index, group [C]; returns [C, H]."""
     num_groups = gate.shape[0]
@@ -139,7 +145,8 @@ def expert_ffn(source: jax.Array, row_index: jax.Array, group: jax.Array, gate: 
     # Counting the foreign rows as one extra group and dropping it leaves them past sum(group_sizes): zeros.
     group_sizes = jnp.bincount(group, length=num_groups + 1)[:num_groups].astype(jnp.int32)
     rows = source[row_index[order]]  # sorted by group
-    out_sorted = gmm.expert_ffn(rows, gate, up, down, group_sizes, backend=backend, scales=scales)  # [C, H]
+    out_sorted = gmm.expert_ffn(rows, gate, up, down, group_sizes, backend=backend, scales=scales, lora=lora,
+                                dropout=dropout)  # [C, H]
 
     # Unsort with a gather (its gradient is a scatter-add; cheaper than scattering forward).
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
@@ -157,7 +164,8 @@ def ep_strategy(num_tokens: int, mesh: jax.sharding.AbstractMesh | jax.sharding.
 
 def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
                     down: jax.Array, *, mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh,
-                    backend: str = "auto", strategy: str = "auto", scales: Scales = None) -> jax.Array:
+                    backend: str = "auto", strategy: str = "auto", scales: Scales = None,
+                    lora: ExpertLora | None = None, dropout: Dropout | None = None) -> jax.Array:
     """moe_experts with the experts split over the mesh's "expert" axis (gate/up/down [E, ...] sharded on E).
 
     "psum": tokens split over the non-expert axes and whole on each expert shard; each shard computes the
@@ -168,7 +176,8 @@ def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: 
     "all_to_all" sends every block padded to that size: it runs on any backend but moves (expert-axis size)
     times the bytes of "ragged_all_to_all", which sends only the real copies and needs XLA's ragged-all-to-all
     (TPU, GPU; not CPU). "auto": psum or an exchange by ep_strategy, the ragged one wherever XLA has it.
-    int8 experts' `scales` are split over "expert" with their experts.
+    int8 experts' `scales` and LoRA adapters (`lora`) are split over "expert" with their experts; each shard draws
+    its adapters' dropout from the key folded with its shard number.
     """
     num_experts = gate.shape[0]
     shards = mesh.shape[EXPERT_AXIS]
@@ -184,25 +193,43 @@ def expert_parallel(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: 
     body = functools.partial({"psum": _ep_psum, "all_to_all": _ep_all_to_all, "exchange": _ep_exchange,
                               "ragged_all_to_all": _ep_ragged_all_to_all}[strategy], backend=backend)
     experts = P(EXPERT_AXIS)
-    # Float experts pass no scales argument at all (shard_map's specs would have nothing to match).
-    args = (x, weights, indices, gate, up, down) + (() if scales is None else (tuple(scales),))
-    specs = (tokens, tokens, tokens, experts, experts, experts) + (() if scales is None else (experts,))
+    # Only what is given travels (shard_map's specs would have nothing to match for None): the int8 scales, the
+    # adapters (split with their experts), the dropout key and rate (replicated).
+    extras = {name: value for name, value in (("scales", None if scales is None else tuple(scales)),
+                                              ("lora", lora), ("dropout", dropout)) if value is not None}
+    extra_specs = {name: P() if name == "dropout" else experts for name in extras}
+
+    def shard(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
+              down: jax.Array, extra: dict) -> jax.Array:
+        return body(x, weights, indices, gate, up, down, **extra)
+
     # check_vma=False: the gmm backends' loops (and Pallas kernels) start from unannotated zeros, which the
     # varying-axes check rejects. The gradients are checked against the single-device model in the tests.
-    combined = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=tokens, check_vma=False)(*args)
+    specs = (tokens, tokens, tokens, experts, experts, experts, extra_specs)
+    combined = jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=tokens,
+                             check_vma=False)(x, weights, indices, gate, up, down, extras)
     return round_to(combined, x.dtype)
 
 
+def _shard_dropout(dropout: Dropout | None) -> Dropout | None:
+    """This expert shard's dropout: the key folded with the shard number (each shard's rows draw their own masks)."""
+    if dropout is None:
+        return None
+    return Dropout(jax.random.fold_in(dropout.key, jax.lax.axis_index(EXPERT_AXIS)), dropout.rate)
+
+
 def _ep_psum(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
-             down: jax.Array, scales: Scales = None, *, backend: str) -> jax.Array:
+             down: jax.Array, scales: Scales = None, lora: ExpertLora | None = None,
+             dropout: Dropout | None = None, *, backend: str) -> jax.Array:
     first = jax.lax.axis_index(EXPERT_AXIS) * gate.shape[0]
     partial = local_experts(x, weights, indices, gate, up, down, first_expert=first, backend=backend,
-                            scales=scales)
+                            scales=scales, lora=lora, dropout=_shard_dropout(dropout))
     return jax.lax.psum(partial, EXPERT_AXIS)  # f32: one rounding, at the final cast
 
 
 def _ep_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
-                   down: jax.Array, scales: Scales = None, *, backend: str) -> jax.Array:
+                   down: jax.Array, scales: Scales = None, lora: ExpertLora | None = None,
+                   dropout: Dropout | None = None, *, backend: str) -> jax.Array:
     num_tokens, top_k = indices.shape
     shards, local = jax.lax.axis_size(EXPERT_AXIS), gate.shape[0]
     copies = num_tokens * top_k
@@ -221,13 +248,14 @@ def _ep_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: j
 
     rows = shards * copies
     out = expert_ffn(recv.reshape(rows, -1), jnp.arange(rows, dtype=jnp.int32), recv_group.reshape(rows),
-                     gate, up, down, backend=backend, scales=scales)
+                     gate, up, down, backend=backend, scales=scales, lora=lora, dropout=_shard_dropout(dropout))
     back = jax.lax.all_to_all(out.reshape(shards, copies, -1), EXPERT_AXIS, 0, 0)  # back[d]: from shard d
     return _unsort_and_combine(back[dest, slot], order, weights)
 
 
 def _ep_ragged_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
-                          down: jax.Array, scales: Scales = None, *, backend: str) -> jax.Array:
+                          down: jax.Array, scales: Scales = None, lora: ExpertLora | None = None,
+                          dropout: Dropout | None = None, *, backend: str) -> jax.Array:
     num_tokens, top_k = indices.shape
     shards, local = jax.lax.axis_size(EXPERT_AXIS), gate.shape[0]
     copies = num_tokens * top_k
@@ -251,17 +279,18 @@ def _ep_ragged_all_to_all(x: jax.Array, weights: jax.Array, indices: jax.Array, 
     bucket = jnp.searchsorted(jnp.cumsum(recv_counts.reshape(-1)), jnp.arange(rows), side="right")
     group = jnp.where(bucket < shards * local, bucket % local, local)
     out = expert_ffn(received, jnp.arange(rows, dtype=jnp.int32), group, gate, up, down, backend=backend,
-                     scales=scales)
+                     scales=scales, lora=lora, dropout=_shard_dropout(dropout))
     back = jax.lax.ragged_all_to_all(out, jnp.zeros((copies, out.shape[1]), out.dtype), recv_offsets, recv_sizes,
                                      at_source, send_sizes, axis_name=EXPERT_AXIS)
     return _unsort_and_combine(back, order, weights)
 
 
 def _ep_exchange(x: jax.Array, weights: jax.Array, indices: jax.Array, gate: jax.Array, up: jax.Array,
-                 down: jax.Array, scales: Scales = None, *, backend: str) -> jax.Array:
+                 down: jax.Array, scales: Scales = None, lora: ExpertLora | None = None,
+                 dropout: Dropout | None = None, *, backend: str) -> jax.Array:
     """"ragged_all_to_all", or "all_to_all" on CPU. Chosen when lowering, not from jax.default_backend(): a CPU
     host compiling ahead of time for a TPU gets the ragged exchange."""
-    return jax.lax.platform_dependent(x, weights, indices, gate, up, down, scales,
+    return jax.lax.platform_dependent(x, weights, indices, gate, up, down, scales, lora, dropout,
                                       cpu=functools.partial(_ep_all_to_all, backend=backend),
                                       default=functools.partial(_ep_ragged_all_to_all, backend=backend))
 

@@ -7,7 +7,7 @@ slices), so that the model runs on that mesh and computes exactly what the unpad
   - the vocabulary (vocab_size): zero rows of embed_tokens (no token id reaches them) and zero columns of lm_head,
     whose logits the padded model cuts off before returning them: sampling and the loss see the real vocabulary.
 An int8 model's scales are padded with zeros beside their zero weights (a zero weight dequantises to zero whatever
-its scale).
+its scale). LoRA adapters are padded with zeros too (a padded unit's A row or B column adds nothing).
 The shared experts' width (n_shared_experts x moe_intermediate_size) is not padded: it would take every routed
 expert's width with it. It is lane-aligned for dots1 up to tensor=2 and divides every tensor size up to 256.
 
@@ -40,6 +40,9 @@ class PaddedDots1ForCausalLM(Dots1ForCausalLM):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return super().logits(hidden)[..., :self.unpadded_cfg.vocab_size]
+
+    def options(self) -> dict:
+        return {**super().options(), "unpadded_cfg": self.unpadded_cfg}
 
 
 def unpadded_config(model: Dots1ForCausalLM) -> Dots1Config:
@@ -75,7 +78,7 @@ def _refit(model: Dots1ForCausalLM, cfg: Dots1Config, real: Dots1Config) -> Dots
 
     def build() -> Dots1ForCausalLM:
         kwargs = dict(dtype=model.dtype, moe_backend=moe_backend, attention_backend=attention_backend,
-                      rngs=nnx.Rngs(0), quantize=model.quantize, quantize_head=model.quantize_head)
+                      rngs=nnx.Rngs(0), quantize=model.quantize, quantize_head=model.quantize_head, lora=model.lora)
         if cfg == real:
             return Dots1ForCausalLM(cfg, **kwargs)
         return PaddedDots1ForCausalLM(cfg, unpadded_cfg=real, **kwargs)

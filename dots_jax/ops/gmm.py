@@ -33,22 +33,28 @@ Pallas kernels) and scales the f32 output per row by its group's scale, rounding
 runs one unrolled product per row (up to ROW_PRODUCTS rows; "loop" beyond), and expert_ffn runs "gather" for
 "loop" too at decode sizes (m <= g): see gmm_gather. The int8 rhs has no gradient and its scale is a constant
 (stop_gradient: a zero cotangent); lhs gradients are exact.
+
+LoRA on the experts (expert_ffn(..., lora=ExpertLora(...))): each of the three products gets its low-rank update
+gmm(gmm(x, A), B) per group, on the same backend as the base product (so every backend, Pallas included, runs them and
+an expert-parallel shard holds its experts' adapters); gate and up share one A, as PEFT's adapter of transformers'
+fused gate_up_proj does. The base may be float or int8 (then only the adapters and the rows get gradients).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from dots_jax.ops.common import check_shapes, round_to, row_groups, silu
-from dots_jax.ops.cpu_loops import expert_ffn_loop, gmm_loop
+from dots_jax.ops.cpu_loops import LoopLora, expert_ffn_loop, gmm_loop
 from dots_jax.ops.quant import dequantize, scale_rows
 from pallas_kernels import reference
 
-__all__ = ["BACKENDS", "default_backend", "expert_ffn", "gmm", "gmm_dense", "gmm_gather", "gmm_pallas",
-           "gmm_ragged_dot", "register_backend"]
+__all__ = ["BACKENDS", "Dropout", "ExpertLora", "default_backend", "expert_ffn", "gmm", "gmm_dense", "gmm_gather",
+           "gmm_pallas", "gmm_ragged_dot", "register_backend"]
 
 # A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
 # preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
@@ -132,15 +138,43 @@ def default_backend(m: int | None = None, g: int | None = None) -> str:
     return "gather" if m is not None and g is not None and 2 * m <= g else "loop"
 
 
+class ExpertLora(NamedTuple):
+    """The routed experts' LoRA adapters, per group (expert): gate_up_a [g, H, r] (one A for gate and up),
+    gate_b and up_b [g, r, I], down_a [g, I, r], down_b [g, r, H]. The B factors come multiplied by LoRA's scaling
+    (alpha / r) already."""
+
+    gate_up_a: jax.Array
+    gate_b: jax.Array
+    up_b: jax.Array
+    down_a: jax.Array
+    down_b: jax.Array
+
+
+class Dropout(NamedTuple):
+    """Dropout on the adapters' inputs (training): a PRNG key and the rate, an f32 scalar (it may be traced)."""
+
+    key: jax.Array
+    rate: jax.Array
+
+
+# The Pallas kernels take the adapters' rank as a contraction or output width: the GPU (Triton) kernel's blocks are
+# powers of two of at least 16 dividing it, so the rank is zero-padded to a multiple of this (the TPU kernel takes
+# any width as one whole block).
+PALLAS_RANK_MULTIPLE = 16
+
+
 def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, group_sizes: jax.Array, *,
-               backend: str = "auto",
-               scales: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
+               backend: str = "auto", scales: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+               lora: ExpertLora | None = None, dropout: Dropout | None = None) -> jax.Array:
     """SwiGLU experts on rows sorted by expert: out = (silu(rows @ gate[g]) * (rows @ up[g])) @ down[g] per group.
 
     rows [m, H]; gate/up [g, H, I]; down [g, I, H] (cast to rows.dtype); group_sizes int [g], sum <= m (rows past
     the sum give zeros). Returns [m, H] in rows.dtype. "auto" resolves as gmm does.
     scales = (gate_scale [g, I], up_scale [g, I], down_scale [g, H]): the three weights are int8 (gmm's rhs_scale,
     per product), with no gradient; the scales are constants (a zero cotangent).
+    lora: LoRA adapters (cast to rows.dtype): rows @ gate[g] gets + (dropout(rows) @ gate_up_a[g]) @ gate_b[g], up
+    the same with up_b, and h @ down[g] gets + (dropout(h) @ down_a[g]) @ down_b[g] (h the SwiGLU activation);
+    dropout (a key and a rate) only when given.
     """
     dtype = rows.dtype
     if backend == "auto":
@@ -153,7 +187,9 @@ def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
         weights = tuple(w.astype(dtype) for w in (gate, up, down))
     if scales[0] is not None and backend in ("gather", "loop") and rows.shape[0] <= min(gate.shape[0], ROW_PRODUCTS):
         backend = "gather"  # int8 at decode sizes: one product per row, no loop (see gmm_gather)
-    elif backend == "loop":
+    if lora is not None:
+        return _expert_ffn_lora(rows, weights, scales, group_sizes, backend, lora, dropout)
+    if backend == "loop":
         # The same computation fused into one loop over row tiles forward and one backward, instead of three
         # of each: on CPU, where "loop" runs, per-tile overhead dominates the small expert matmuls.
         return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales)
@@ -163,6 +199,60 @@ def expert_ffn(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
     # otherwise keep it in f32 (see round_to).
     h = round_to(silu(h_gate).astype(jnp.float32) * h_up.astype(jnp.float32), dtype)
     return gmm(h, weights[2], group_sizes, backend=backend, rhs_scale=scales[2])
+
+
+def _keep_mask(dropout: Dropout, which: int, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+    """Inverted dropout's multiplier: 1 / (1 - rate) where kept, else 0, drawn with the `which`-th key folded from
+    dropout.key (0: the gate/up adapters' input, the rows; 1: the down adapter's, the SwiGLU activation)."""
+    keep = jax.random.bernoulli(jax.random.fold_in(dropout.key, which), 1.0 - dropout.rate, shape)
+    return jnp.where(keep, 1.0 / (1.0 - dropout.rate), 0.0).astype(dtype)
+
+
+def _dropped(x: jax.Array, dropout: Dropout | None, which: int) -> jax.Array:
+    """x with dropout (_keep_mask), or x itself without dropout."""
+    return x if dropout is None else x * _keep_mask(dropout, which, x.shape, x.dtype)
+
+
+def _pad_rank(lora: ExpertLora, multiple: int) -> ExpertLora:
+    """The adapters with their rank zero-padded to a multiple of `multiple`: zero columns of A meet zero rows of B,
+    so the products are unchanged, and the padding's gradients are cut off by the pad's own."""
+    rank = lora.gate_up_a.shape[-1]
+    extra = -rank % multiple
+    if extra == 0:
+        return lora
+
+    def pad(x: jax.Array, axis: int) -> jax.Array:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, extra)
+        return jnp.pad(x, widths)
+
+    return ExpertLora(pad(lora.gate_up_a, 2), pad(lora.gate_b, 1), pad(lora.up_b, 1), pad(lora.down_a, 2),
+                      pad(lora.down_b, 1))
+
+
+def _expert_ffn_lora(rows: jax.Array, weights: tuple[jax.Array, ...], scales: tuple[jax.Array | None, ...],
+                     group_sizes: jax.Array, backend: str, lora: ExpertLora, dropout: Dropout | None) -> jax.Array:
+    """expert_ffn with adapters: each base product plus its low-rank update, every product a gmm on `backend`; on
+    "loop", the gate/up adapters' shared first product is one gmm loop and the rest runs inside the fused loop."""
+    dtype = rows.dtype
+    lora = ExpertLora(*(w.astype(dtype) for w in lora))
+    if backend == "loop":
+        x_low = gmm(_dropped(rows, dropout, 0), lora.gate_up_a, group_sizes, backend="loop")
+        mask = None if dropout is None else _keep_mask(dropout, 1, (rows.shape[0], lora.down_a.shape[1]), dtype)
+        return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales,
+                               lora=LoopLora(x_low, lora.gate_b, lora.up_b, lora.down_a, lora.down_b, mask))
+    if backend == "pallas":
+        lora = _pad_rank(lora, PALLAS_RANK_MULTIPLE)
+
+    def product(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+        return gmm(x, w, group_sizes, backend=backend, rhs_scale=scale)
+
+    x_low = product(_dropped(rows, dropout, 0), lora.gate_up_a)  # [m, r], shared by gate and up
+    h_gate = product(rows, weights[0], scales[0]) + product(x_low, lora.gate_b)
+    h_up = product(rows, weights[1], scales[1]) + product(x_low, lora.up_b)
+    h = round_to(silu(h_gate).astype(jnp.float32) * h_up.astype(jnp.float32), dtype)
+    h_low = product(_dropped(h, dropout, 1), lora.down_a)
+    return product(h, weights[2], scales[2]) + product(h_low, lora.down_b)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ RULES: dict[str, MeshAxes] = {
     "mlp":      "tensor",                     # dense SwiGLU width and the shared experts' width
     "expert":   "expert",                     # routed experts
     "moe_mlp":  None,                         # 1408 = 11 x 128: experts split whole, never inside
+    "lora_rank": None,                        # LoRA adapters' rank (r = 8..64): tiny, kept whole
     # ---- activations and the KV cache (split where the size divides; see batch_axes)
     "batch":    ("data", "fsdp", "expert"),   # attention is data parallel over the expert axis too
     "seq":      None,
