@@ -14,9 +14,6 @@ import copy
 import dataclasses
 import functools
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +200,9 @@ def case(tmp_path_factory):
     ref64.config._experts_implementation = "eager"  # the per-expert loop: torch's grouped_mm takes no float64
     adapters = flat(nnx.state(model, nnx.LoRAParam))
     want = torch_reference(ref64, flat(nnx.state(base, nnx.Param)), adapters, LORA.scaling, ids)
-    return dict(path=path, base=base, model=model, ids=ids, ref64=ref64, adapters=adapters, want=want)
+    # Ours through the reference gmm ("dense"): its logits serve the merge test too.
+    dense = loss_and_grads(model, ids)
+    return dict(path=path, base=base, model=model, ids=ids, ref64=ref64, adapters=adapters, want=want, dense=dense)
 
 
 def test_attach_lora_keeps_the_base_and_initialises_as_peft(case):
@@ -236,11 +235,14 @@ def test_attach_lora_keeps_the_base_and_initialises_as_peft(case):
         attach_lora(model, LORA)
 
 
-@pytest.mark.parametrize("backend", ["dense", "loop", "gather"])
+@pytest.mark.parametrize("backend", ["dense", "loop"])  # the reference gmm; the CPU default at these sizes
 def test_adapter_gradients_match_float64_torch(case, backend):
     """Every adapter's gradient (every target kind) against autograd through transformers on merged weights."""
     want_loss, want_logits, want = case["want"]
-    loss, logits, got = loss_and_grads(with_backend(case["model"], backend), case["ids"])
+    if backend == "dense":
+        loss, logits, got = case["dense"]
+    else:
+        loss, logits, got = loss_and_grads(with_backend(case["model"], backend), case["ids"])
     assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
     assert rel_max(logits, want_logits) <= LOGIT_RTOL
     assert got.keys() == want.keys()
@@ -270,8 +272,14 @@ def test_merge_lora_gives_the_adapted_models_logits(case):
     got = logits_of(merged, ids)
     _, want_logits, _ = case["want"]  # transformers on the merged weights
     assert rel_max(got, want_logits) <= LOGIT_RTOL
-    assert rel_max(got, logits_of(model, ids)) <= LOGIT_RTOL  # our forward with the adapters
-    assert rel_max(got, logits_of(case["base"], ids)) > 1e-2  # the adapters matter
+    assert rel_max(got, case["dense"][1]) <= LOGIT_RTOL  # our forward with the adapters
+    # Every adapted weight moved (the adapters matter); the others are the same arrays.
+    merged_state, base_state = flat(nnx.state(merged)), dict(nnx.to_flat_state(nnx.state(case["base"])))
+    for path, var in nnx.to_flat_state(nnx.state(merged)):
+        adapted = path[:-1] + (path[-1] + "_lora_b",) in case["adapters"]
+        assert adapted == (var.get_value() is not base_state[path].get_value()), path
+        if adapted:
+            assert rel_max(merged_state[path], base_state[path].get_value()) > 1e-2, path
 
 
 def dequantised(model) -> dict[tuple, np.ndarray]:
@@ -292,7 +300,7 @@ def dequantised(model) -> dict[tuple, np.ndarray]:
 def test_int8_base_with_adapters_matches_the_dequantised_base(case):
     int8 = dots_jax.from_pretrained(case["path"], dtype=jnp.float32, moe_backend="loop", quantize="int8",
                                     progress=False)
-    graphdef, _ = nnx.split(attach_lora(int8, LORA))
+    graphdef, _ = nnx.split(abstract_model(int8.cfg, **{**int8.options(), "lora": LORA}))
     model = nnx.merge(graphdef, nnx.state(int8), nnx.state(case["model"], nnx.LoRAParam))  # the float case's adapters
     want_loss, want_logits, want = torch_reference(case["ref64"], dequantised(int8), case["adapters"],
                                                    LORA.scaling, case["ids"])
@@ -307,35 +315,17 @@ def test_int8_base_with_adapters_matches_the_dequantised_base(case):
     assert rel_max(logits_of(merged, case["ids"]), want_logits) <= LOGIT_RTOL
 
 
-def test_dropout_draws_from_the_key_and_only_with_one(case):
+def test_dropout_draws_from_the_key(case):
+    """Training's dropout (a key given) changes the logits, the same for the same key; without a key (eval) the
+    model is the one whose logits the tests above check."""
     model = case["model"]
     options = {**model.options(), "lora": dataclasses.replace(LORA, dropout=0.5), "moe_backend": "dense"}
     graphdef, _ = nnx.split(abstract_model(model.cfg, **options))
     state, ids = nnx.state(model), jnp.asarray(case["ids"])
     _, want_logits, _ = case["want"]
-    assert rel_max(_forward(graphdef, state, ids, None), want_logits) <= LOGIT_RTOL  # no key: no dropout
-    one, two = (_forward(graphdef, state, ids, jax.random.key(seed)) for seed in (1, 2))
+    one, two = (np.asarray(_forward(graphdef, state, ids, jax.random.key(seed))) for seed in (1, 2))
     assert np.array_equal(one, _forward(graphdef, state, ids, jax.random.key(1)))
     assert rel_max(one, want_logits) > 1e-3 and rel_max(one, two) > 1e-3
-
-
-def test_expert_dropout_draws_from_the_key():
-    rows, weights, _, lora, _ = op_inputs(int8=False)
-    lora = grouped_matmul.ExpertLora(*map(jnp.asarray, lora))
-
-    def run(dropout):
-        return np.asarray(jax.jit(lambda r, l, d: grouped_matmul.expert_ffn(
-            r, *weights, jnp.asarray(OP_GROUPS), backend="dense", lora=l, dropout=d))(rows, lora, dropout))
-
-    def dropout(seed: int, rate: float) -> grouped_matmul.Dropout:
-        return grouped_matmul.Dropout(jax.random.key(seed), jnp.float32(rate))
-
-    plain, zero = run(None), run(dropout(1, 0.0))
-    one, two = run(dropout(1, 0.5)), run(dropout(2, 0.5))
-    np.testing.assert_allclose(zero, plain, rtol=0, atol=1e-6)
-    assert np.array_equal(one, run(dropout(1, 0.5)))
-    assert rel_max(one, plain) > 1e-2 and rel_max(one, two) > 1e-2
-    assert not one[sum(OP_GROUPS):].any()  # rows past the last group stay zero
 
 
 # -------------------------------------------------------------------------------------- expert FFN, op level
@@ -361,7 +351,7 @@ def op_inputs(int8: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("backend,int8", [("dense", False), ("ragged_dot", False), ("gather", False),
-                                          ("loop", False), ("pallas", False), ("loop", True), ("gather", True)])
+                                          ("loop", False), ("pallas", False), ("loop", True), ("dense", True)])
 def test_expert_ffn_with_adapters_on_every_backend(backend, int8):
     """Values and gradients (rows, every adapter) against the float64 FFN on merged weights W + A @ B, whose
     adapter gradients follow from the merged weights' by the chain rule."""
@@ -388,84 +378,35 @@ def test_expert_ffn_with_adapters_on_every_backend(backend, int8):
         assert rel_fro(g, w) <= 1e-5, (name, rel_fro(g, w))
 
 
-def test_fused_loop_dropout_equals_the_unfused_products():
-    """"loop" runs the adapters inside the fused expert loop: with dropout (the same masks, drawn from the same key)
-    its values and adapter gradients equal three-gmm "dense"'s."""
+def test_expert_dropout_draws_from_the_key_and_the_fused_loop_applies_the_same_masks():
+    """Dropout on the expert adapters' inputs: it changes the output, the same for the same key, and rate 0 is no
+    dropout. "loop" runs the adapters inside the fused expert loop: with the same key (the same masks) its values
+    and gradients equal three-gmm "dense"'s."""
     rows, weights, _, lora, d_out = op_inputs(int8=False, seed=1)
     lora = grouped_matmul.ExpertLora(*map(jnp.asarray, lora))
-    drop = grouped_matmul.Dropout(jax.random.key(3), jnp.float32(0.3))
 
-    def run(backend: str):
-        f = jax.jit(lambda r, l: grouped_matmul.expert_ffn(r, *weights, jnp.asarray(OP_GROUPS), backend=backend,
-                                                           lora=l, dropout=drop))
-        out, vjp = jax.vjp(f, jnp.asarray(rows), lora)
+    @functools.partial(jax.jit, static_argnums=0)
+    def run(backend: str, rows, lora, dropout):
+        def f(rows, lora):
+            return grouped_matmul.expert_ffn(rows, *weights, jnp.asarray(OP_GROUPS), backend=backend, lora=lora,
+                                             dropout=dropout)
+
+        out, vjp = jax.vjp(f, rows, lora)
         return out, vjp(jnp.asarray(d_out))
 
-    (out, (d_rows, d_lora)), (want, (want_rows, want_lora)) = run("loop"), run("dense")
-    assert rel_max(out, want) <= 1e-5 and rel_fro(d_rows, want_rows) <= 1e-5
-    for name, g, w in zip(grouped_matmul.ExpertLora._fields, d_lora, want_lora, strict=True):
+    def dropout(seed: int, rate: float) -> grouped_matmul.Dropout:
+        return grouped_matmul.Dropout(jax.random.key(seed), jnp.float32(rate))
+
+    plain = run("dense", rows, lora, None)[0]
+    (one, (d_rows, d_lora)), two = run("dense", rows, lora, dropout(1, 0.3)), run("dense", rows, lora, dropout(2, 0.3))
+    assert rel_max(one, plain) > 1e-2 and rel_max(two[0], one) > 1e-2
+    assert np.array_equal(one, run("dense", rows, lora, dropout(1, 0.3))[0])
+    np.testing.assert_allclose(run("dense", rows, lora, dropout(1, 0.0))[0], plain, rtol=0, atol=1e-6)
+    assert not np.asarray(one)[sum(OP_GROUPS):].any()  # rows past the last group stay zero
+    fused, (fused_rows, fused_lora) = run("loop", rows, lora, dropout(1, 0.3))
+    assert rel_max(fused, one) <= 1e-5 and rel_fro(fused_rows, d_rows) <= 1e-5
+    for name, g, w in zip(grouped_matmul.ExpertLora._fields, fused_lora, d_lora, strict=True):
         assert rel_fro(g, w) <= 1e-5, name
-
-
-# ------------------------------------------------------------------------------------ expert parallelism
-NEEDS_8 = pytest.mark.skipif(jax.device_count() < 8, reason="runs in the 8-device child pytest")
-
-
-def test_eight_simulated_devices():
-    """Runs this file's 8-device tests in a child pytest (the device count is fixed at JAX start-up)."""
-    if jax.device_count() >= 8:
-        pytest.skip("already on 8 devices")
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(Path(__file__)),
-                             "-k", "eight_devices_"], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
-
-
-@NEEDS_8
-@pytest.mark.parametrize("strategy,int8", [("psum", False), ("all_to_all", False), ("ragged_all_to_all", False),
-                                           ("psum", True)])
-def test_eight_devices_expert_parallel_adapters(strategy, int8, monkeypatch):
-    """Adapters split over "expert" with their experts: values and gradients (tokens, every adapter) equal the
-    single-device experts' (which the tests above check against float64)."""
-    from test_sharding import ragged_all_to_all_by_the_docs
-
-    from dots_jax.model.moe import expert_parallel, moe_experts
-    from dots_jax.parallel.sharding import make_mesh
-
-    rng = np.random.default_rng(5)
-    e, h, i, r, t, k = 8, 16, 8, 3, 64, 2  # 8 tokens per device
-    x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
-    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
-    w = jnp.asarray(rng.random((t, k)), jnp.float32)
-    weights = [rng.normal(size=s).astype(np.float32) for s in [(e, h, i), (e, h, i), (e, i, h)]]
-    scales = None
-    if int8:
-        quantised = [quantize_int8(v, (1,)) for v in weights]
-        weights, scales = [q for q, _ in quantised], tuple(s for _, s in quantised)
-    lora = grouped_matmul.ExpertLora(*(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
-                                       for s in [(e, h, r), (e, r, i), (e, r, i), (e, i, r), (e, r, h)]))
-    mesh = make_mesh("data=2,expert=4")
-    if strategy == "ragged_all_to_all":  # XLA:CPU has no ragged-all-to-all: test_sharding's stand-in by its docs
-        monkeypatch.setattr(jax.lax, "ragged_all_to_all", ragged_all_to_all_by_the_docs)
-
-    def ep(x, lora):
-        return expert_parallel(x, w, idx, *weights, mesh=mesh, strategy=strategy, scales=scales, lora=lora)
-
-    def single(x, lora):
-        return moe_experts(x, w, idx, *weights, scales=scales, lora=lora)
-
-    def loss(f):
-        return lambda x, lora: (f(x, lora) ** 2).sum()
-
-    with jax.set_mesh(mesh):
-        got = jax.jit(ep)(x, lora)
-        got_grads = jax.jit(jax.grad(loss(ep), argnums=(0, 1)))(x, lora)
-    assert rel_max(got, single(x, lora)) <= 1e-5
-    want_grads = jax.grad(loss(single), argnums=(0, 1))(x, lora)
-    for g, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
-        assert rel_fro(g, want) <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------ TPU, ahead of time

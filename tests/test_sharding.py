@@ -350,6 +350,46 @@ def test_eight_devices_expert_parallel_strategies(strategy, spec, monkeypatch):
 
 
 @NEEDS_8
+@pytest.mark.parametrize("strategy, int8", [("psum", False), ("all_to_all", True)])
+def test_eight_devices_lora_adapters_split_with_their_experts(strategy, int8):
+    """LoRA on the routed experts (issue 20) under expert parallelism: the adapters [E, ...] split over "expert"
+    with their experts (beside int8 scales on one mesh); values and gradients (tokens, every adapter) equal the
+    single-device experts', which tests/test_lora.py checks against float64."""
+    from dots_jax.ops.gmm import ExpertLora
+    from dots_jax.ops.quant import quantize_int8
+
+    rng = np.random.default_rng(5)
+    e, h, i, r, t, k = 8, 16, 8, 3, 128, 2  # 16 tokens per device
+    x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
+    idx = jnp.asarray(np.stack([rng.choice(e, k, replace=False) for _ in range(t)]), jnp.int32)
+    w = jnp.asarray(rng.random((t, k)), jnp.float32)
+    weights = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in [(e, h, i), (e, h, i), (e, i, h)]]
+    scales = None
+    if int8:
+        quantised = [quantize_int8(v, (1,)) for v in weights]
+        weights, scales = [q for q, _ in quantised], tuple(s for _, s in quantised)
+    lora = ExpertLora(*(jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32)
+                        for s in [(e, h, r), (e, r, i), (e, r, i), (e, i, r), (e, r, h)]))
+    mesh = sharding.make_mesh("data=2,expert=4")
+
+    def value_and_grads(experts):
+        def loss(x, lora):
+            out = experts(x, lora)
+            return (out ** 2).sum(), out
+
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, lora)
+
+    with jax.set_mesh(mesh):
+        (_, got), got_grads = value_and_grads(lambda x, lora: expert_parallel(
+            x, w, idx, *weights, mesh=mesh, strategy=strategy, scales=scales, lora=lora))
+    (_, want), want_grads = value_and_grads(lambda x, lora: moe_experts(x, w, idx, *weights, scales=scales,
+                                                                        lora=lora))
+    assert rel_err(got, want) <= TOL
+    for g, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        assert rel_err(g, want) <= TOL
+
+
+@NEEDS_8
 @pytest.mark.parametrize("spec, check_grads", [("data=2,expert=2,tensor=2", False), ("fsdp=2,tensor=4", True)])
 def test_eight_devices_padded_model_matches_the_unpadded_one_device_model(spec, check_grads, inputs):
     """Dense width 97 and vocabulary 251 on tensor axes of 2 and 4: padded, sharded logits (and on one mesh the
