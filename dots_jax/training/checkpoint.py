@@ -2,7 +2,8 @@
 
 A checkpoint is one Orbax step directory under `<out>/checkpoints/<step>/` holding two items:
   state     the TrainState (f32 master params, router bias, optimizer state, step), saved array by array, so a
-            restore gives back bit-identical arrays;
+            restore gives back bit-identical arrays; for LoRA the adapters and their optimizer state, not the frozen
+            base (TrainState.frozen), which the trainer reads again from the base model and checks (base_checksum);
   metadata  a JSON dict: whatever the trainer needs to continue exactly (data position, seed, the model config as
             an HF dict, the TrainConfig).
 Orbax writes each step to a temporary directory and renames it when complete, so a crash mid-save leaves the
@@ -11,6 +12,8 @@ previous checkpoints intact and `latest_step` never sees a half-written one.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -23,7 +26,7 @@ from flax import nnx
 
 from dots_jax.config import Dots1Config
 from dots_jax.model.modeling import RouterBias, abstract_model
-from dots_jax.training.step import TrainConfig, TrainState, init_state
+from dots_jax.training.step import TrainConfig, TrainState, init_state, is_lora
 
 CHECKPOINTS = "checkpoints"  # the subdirectory of a training run's output directory
 DEFAULT_MAX_TO_KEEP = 3
@@ -46,7 +49,7 @@ def save(directory: str | os.PathLike, step: int, state: TrainState, metadata: d
     json.dumps(metadata)  # fail now, with the offending value named, rather than inside Orbax's writer thread
     manager = _manager(directory, max_to_keep)
     try:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(_without_base(state)),
                                                    metadata=ocp.args.JsonSave(metadata)))
         manager.wait_until_finished()
     finally:
@@ -92,18 +95,46 @@ def read_metadata(directory: str | os.PathLike, step: int | None = None) -> dict
         manager.close()
 
 
-def restore(directory: str | os.PathLike, abstract_state: TrainState, step: int | None = None
-            ) -> tuple[TrainState, dict[str, Any]]:
+def restore(directory: str | os.PathLike, abstract_state: TrainState, step: int | None = None, *,
+            frozen: nnx.State | None = None) -> tuple[TrainState, dict[str, Any]]:
     """(state, metadata) of checkpoint `step` (default: the latest). `abstract_state` gives the tree structure,
-    shapes and dtypes (see abstract_train_state); the restored arrays are bit for bit the saved ones."""
+    shapes and dtypes (see abstract_train_state); the restored arrays are bit for bit the saved ones. A LoRA
+    checkpoint holds no base: `frozen` is the base model's nnx.Params (TrainState.frozen of init_state on it)."""
+    if is_lora(abstract_state) and frozen is None:
+        raise ValueError("a LoRA training checkpoint holds the adapters only: pass frozen=, the base's parameters")
     step = _step_or_latest(directory, step)
     manager = _manager(directory)
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                                 metadata=ocp.args.JsonRestore()))
+        target = ocp.args.StandardRestore(_without_base(abstract_state))
+        restored = manager.restore(step, args=ocp.args.Composite(state=target, metadata=ocp.args.JsonRestore()))
     finally:
         manager.close()
-    return restored.state, restored.metadata
+    return dataclasses.replace(restored.state, frozen=nnx.State({}) if frozen is None else frozen), restored.metadata
+
+
+def _without_base(state: TrainState) -> TrainState:
+    return dataclasses.replace(state, frozen=nnx.State({}))
+
+
+def base_checksum(frozen: nnx.State) -> str:
+    """A fingerprint of the base weights a LoRA run trains on: per array the sum of its bits as unsigned integers,
+    modulo 2**32 (exact, so independent of the order of summation, the devices and the mesh), then hashed with the
+    arrays' paths, shapes and dtypes. Cheap beside loading the model; it tells another base, or other values."""
+    digest = hashlib.sha256()
+    flat = sorted(nnx.to_flat_state(frozen), key=lambda kv: tuple(map(str, kv[0])))
+    sums = _bit_sums([var.get_value() for _, var in flat])
+    for (path, var), total in zip(flat, sums, strict=True):
+        value = var.get_value()
+        digest.update(f"{'.'.join(map(str, path))} {value.shape} {value.dtype} {int(total)};".encode())
+    return digest.hexdigest()[:16]
+
+
+@jax.jit
+def _bit_sums(arrays: list[jax.Array]) -> list[jax.Array]:
+    def bits(x: jax.Array) -> jax.Array:
+        unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+        return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    return [bits(x).sum(dtype=jnp.uint32) for x in arrays]
 
 
 def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.float32, moe_backend: str = "auto",

@@ -4,6 +4,10 @@ The paper's recipe (arXiv 2506.05767): AdamW (0.9, 0.95), weight decay 0.1, grad
 warmup-stable-decay schedule; auxiliary-loss-free balancing (each MoE layer's e_score_correction_bias is nudged
 up for under-loaded experts and down for over-loaded ones after every step) plus a small sequence-wise balance loss.
 bf16 compute with f32 master weights is a model built with dtype=bfloat16, param_dtype=float32.
+
+LoRA (a model with adapters, dots_jax.model.lora.attach_lora): the same step trains the adapters (nnx.LoRAParam)
+alone; the base's nnx.Params ride along in TrainState.frozen, untouched (bf16, f32 or int8 as loaded), with no
+gradient and no optimizer state; the router's correction bias follows the balancing rule as in full training.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class TrainConfig:
     bias_update_rate: float = 1e-3  # auxiliary-loss-free balancing step; 0 switches it off
     grad_accum_steps: int = 1
     remat: bool = False  # recompute each layer in the backward pass: activation memory of one layer, not all
+    seed: int = 0  # LoRA dropout's masks come from (seed, micro-step), so a resumed run draws what it would have
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, what: str) -> None:
@@ -100,22 +105,38 @@ class TrainState:
     # [L, E] expert load summed over the micro-steps of the current optimizer step: the balancing update uses
     # the whole step's load, once per optimizer step, as the paper does.
     expert_load_sum: jax.Array
+    # LoRA: the base model's nnx.Params, which no step changes (training checkpoints leave them out); empty for
+    # full training.
+    frozen: nnx.State = dataclasses.field(default_factory=lambda: nnx.State({}))
+
+
+def is_lora(state: TrainState) -> bool:
+    return bool(jax.tree.leaves(state.frozen))
 
 
 def init_state(model: Dots1ForCausalLM, tc: TrainConfig) -> tuple[nnx.GraphDef, TrainState]:
-    graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
+    """(graphdef, the state before the first step). A model with LoRA adapters (model.lora set) trains them only:
+    params are its nnx.LoRAParams, frozen the other nnx.Params."""
+    if getattr(model, "lora", None) is not None:
+        graphdef, params, frozen, router_bias = nnx.split(model, nnx.LoRAParam, nnx.Param, RouterBias)
+    else:
+        graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
+        frozen = nnx.State({})
     opt_state = make_optimizer(tc).init(params)
     cfg = model.cfg
     load_shape = (cfg.num_moe_layers, cfg.n_routed_experts) if cfg.num_moe_layers else (0, 0)
     return graphdef, TrainState(params, router_bias, opt_state, jnp.zeros((), jnp.int32),
-                                jnp.zeros(load_shape, jnp.float32))
+                                jnp.zeros(load_shape, jnp.float32), frozen)
 
 
 def loss_fn(params: nnx.State, router_bias: nnx.State, graphdef: nnx.GraphDef, batch: Batch,
-            balance_loss_coef: float, remat: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss."""
-    model = nnx.merge(graphdef, params, router_bias)
-    x, _, stats = model.hidden_states(batch.inputs, remat=remat)
+            balance_loss_coef: float, remat: bool = False, frozen: nnx.State | None = None,
+            lora_key: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean next-token cross-entropy over the masked tokens + coef * the mean per-layer balance loss. LoRA: params
+    are the adapters, frozen the base; lora_key draws the adapters' dropout (None: none, as in eval)."""
+    model = nnx.merge(graphdef, params, router_bias, *([] if frozen is None else [frozen]))
+    dropout = {} if lora_key is None else {"lora_key": lora_key}
+    x, _, stats = model.hidden_states(batch.inputs, remat=remat, **dropout)
     head = model.head_weight()
     # A padded model (dots_jax.model.padding) has extra vocabulary columns, zeros whose logits must not enter
     # the loss.
@@ -141,8 +162,10 @@ def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch
 
     Sharded: place the state with `dots_jax.parallel.sharding.shard_state(state, mesh)` and call the step inside
     `with jax.set_mesh(mesh):` (the model reads the mesh there: activation constraints, expert parallelism)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef, tc.remat)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)  # with respect to state.params only
+    lora_key = jax.random.fold_in(jax.random.key(tc.seed), state.step) if is_lora(state) else None
+    (loss, aux), grads = grad_fn(state.params, state.router_bias, graphdef, batch, tc.balance_loss_coef, tc.remat,
+                                 state.frozen, lora_key)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     router_bias = state.router_bias
@@ -155,7 +178,7 @@ def train_step(graphdef: nnx.GraphDef, tc: TrainConfig, state: TrainState, batch
     metrics = {"loss": loss, "ce": aux["ce"], "balance_loss": aux["balance_loss"],
                "grad_norm": optax.tree.norm(grads), "expert_load": aux["expert_load"],
                "learning_rate": wsd_schedule(tc)(state.step // tc.grad_accum_steps)}
-    return TrainState(params, router_bias, opt_state, state.step + 1, load_sum), metrics
+    return TrainState(params, router_bias, opt_state, state.step + 1, load_sum, state.frozen), metrics
 
 
 jit_train_step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
