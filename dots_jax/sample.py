@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_moe_backend(parser)
     cli.add_attention_backend(parser)
     cli.add_quantize(parser)
+    parser.add_argument("--lora", metavar="DIR",
+                        help="apply a LoRA adapter in PEFT's layout (adapter/ of `dots_jax.train --lora-rank`, or one "
+                             "PEFT saved), merged into the weights as they load")
     cli.add_kv_cache_dtype(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model and cache over a device mesh with axes data, fsdp, expert, tensor, "
@@ -236,7 +239,7 @@ def run_model(args: argparse.Namespace, demo: bool = False) -> int:
     start = time.perf_counter()
     model = from_pretrained(checkpoint.directory, mesh=args.mesh, dtype=cli.DTYPES[args.dtype],
                             moe_backend=args.moe_backend, attention_backend=args.attention_backend,
-                            progress=sys.stderr.isatty(), quantize=args.quantize)
+                            progress=sys.stderr.isatty(), quantize=args.quantize, lora=args.lora)
     print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s on {jax.devices()[0].platform}",
           file=sys.stderr)
     if args.mesh is not None:

@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                         help="dtype of the weights, activations and KV cache (default float32)")
     cli.add_quantize(parser)
+    parser.add_argument("--lora", metavar="DIR",
+                        help="apply a LoRA adapter in PEFT's layout (adapter/ of `dots_jax.train --lora-rank`, or one "
+                             "PEFT saved), merged into the weights as they load")
     cli.add_kv_cache_dtype(parser)
     parser.add_argument("--mesh", metavar="AXIS=SIZE,...",
                         help="shard the model over a device mesh with axes data, fsdp, expert, tensor, e.g. "
@@ -155,7 +158,7 @@ def _main(argv: Sequence[str] | None) -> int:
         log.info("no --model given: serving the embedded demo model (%s), a small dots1 model trained on the "
                  "Python standard library, as %r", DEMO_MODEL_DIR, name)
     model = from_pretrained(directory, mesh=args.mesh, dtype=cli.DTYPES[args.dtype],
-                            progress=sys.stderr.isatty(), quantize=args.quantize)
+                            progress=sys.stderr.isatty(), quantize=args.quantize, lora=args.lora)
     if args.mesh is not None:
         model = pad_for_mesh(model, args.mesh)  # zero-pads widths the tensor axis does not divide: exact
     try:
