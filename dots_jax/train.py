@@ -6,6 +6,8 @@ step).
       --lr 1e-5 --out runs/ft
   python -m dots_jax.train --config tiny --data corpus/ --steps 200 --batch 8 --seq-len 128 --out runs/tiny \\
       --resume  # after Ctrl-C: continues exactly where it stopped
+  python -m dots_jax.train --init ./dots-checkpoint --tokenizer ./dots-checkpoint --data notes.txt --steps 200 \\
+      --lora-rank 16 --lora-targets attn,experts --lr 1e-4 --out runs/lora  # LoRA: the base stays frozen
 
 Writes into --out: checkpoints/<step>/ (Orbax; the newest few are kept), metrics.jsonl (one JSON object per step,
 plus eval records), loss_curve.png and hf/ (the final model as an HF checkpoint: config.json + model.safetensors).
@@ -16,6 +18,14 @@ and learning-rate schedule; bit for bit on CPU): the settings that define the ru
 larger --steps lengthens the schedule's stable phase (warmup, peak and decay length stay), before the decay has
 begun; for a new schedule, start a new run from the weights: --init <out>/hf. Bad input prints one `error: ...`
 line and exits with 2.
+
+LoRA (--lora-rank): low-rank adapters on --init's frozen weights (float in --dtype, or int8 with --quantize int8)
+train alone; checkpoints hold the adapters and their optimizer state (on --resume the base is read again from
+--init, or the path the run started from, and checked against the checksum the checkpoint records). The run also
+writes adapter/ (adapter_config.json + adapter_model.safetensors in PEFT's layout: peft.PeftModel.from_pretrained
+applies it to the base in transformers; `from_pretrained(base, lora=...)` and --lora on sample and serve here), and
+hf/ is the merged model. The router's correction bias stays as the base has it unless --bias-update-rate is given;
+then it changes with training, which hf/ holds and a PEFT adapter cannot, so adapter/ is not written.
 """
 
 from __future__ import annotations
@@ -41,6 +51,8 @@ from dots_jax import cli, files
 from dots_jax.config import Dots1Config, preset
 from dots_jax.errors import UserError
 from dots_jax.inference.tokenizer import Tokenizer
+from dots_jax.model.layers import QUANTIZE_MODES
+from dots_jax.model.lora import TARGETS, LoraConfig, attach_lora, merge_lora
 from dots_jax.model.modeling import random_model
 from dots_jax.parallel.cpu_tuning import tune_allocator
 from dots_jax.parallel.distributed import is_main_process, maybe_initialize
@@ -55,9 +67,10 @@ from dots_jax.training.data import (
     load_tokens,
     split_eval,
 )
-from dots_jax.training.step import TrainConfig, init_state, jit_train_step, load_cv, loss_fn
+from dots_jax.training.step import TrainConfig, TrainState, init_state, jit_train_step, load_cv, loss_fn
 from dots_jax.weights import from_pretrained, load_config
 from dots_jax.weights.hf import export_hf, tokenizer_files
+from dots_jax.weights.peft import PEFT_TARGETS, save_adapter, written_targets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--warmup", type=int, help="linear warmup steps (default: 10%% of --steps)")
     p.add_argument("--decay", type=int, help="final linear decay steps, to 0.1 x --lr (default: 20%% of --steps)")
-    p.add_argument("--bias-update-rate", type=float, default=1e-3,
-                   help="auxiliary-loss-free balancing: router bias step per update; 0 turns it off (default 1e-3)")
+    p.add_argument("--bias-update-rate", type=float,
+                   help="auxiliary-loss-free balancing: router bias step per update; 0 turns it off (default 1e-3, "
+                        "and 0 with --lora-rank: the base's routers stay as they are)")
     p.add_argument("--balance-loss-coef", type=float, default=1e-4,
                    help="weight of the sequence-wise balance loss (default 1e-4)")
     p.add_argument("--grad-accum", type=int, default=1,
@@ -92,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of all, for about one more forward pass of compute (long sequences)")
     p.add_argument("--dtype", choices=cli.COMPUTE_DTYPES, default="float32",
                    help="compute dtype; the master weights and optimizer state are always float32")
+    p.add_argument("--lora-rank", type=int, metavar="R",
+                   help="LoRA fine-tuning of --init: train rank-R adapters, the base frozen; writes adapter/ (PEFT's "
+                        "layout) beside the merged hf/")
+    p.add_argument("--lora-alpha", type=float, metavar="A",
+                   help="with --lora-rank: the adapters' output is scaled by A / R (default A = R)")
+    p.add_argument("--lora-dropout", type=float, metavar="P",
+                   help="with --lora-rank: dropout on the adapters' input while training (default 0)")
+    p.add_argument("--lora-targets", metavar="LIST",
+                   help=f"with --lora-rank: what to adapt, a comma list of {', '.join(TARGETS)} (attention q/k/v/o, "
+                        "the dense layers' MLP, the shared experts, the routed experts; default all)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="with --lora-rank: hold the frozen base in int8 (one f32 scale per output channel)")
     p.add_argument("--eval-every", type=int, default=100, help="eval loss every N steps, and at the end")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per eval (default 8)")
     p.add_argument("--eval-fraction", type=float, default=0.05,
@@ -134,6 +160,9 @@ def check_args(args: argparse.Namespace) -> None:
     if not (args.warmup >= 0 and args.decay >= 0 and args.warmup + args.decay <= args.steps):
         raise UserError(f"--warmup {args.warmup} and --decay {args.decay} must be >= 0 and fit in --steps "
                         f"{args.steps}")
+    args.lora = lora_config(args)
+    if args.bias_update_rate is None:
+        args.bias_update_rate = 0.0 if args.lora is not None else 1e-3
     if not (args.bias_update_rate >= 0 and args.balance_loss_coef >= 0):
         raise UserError("--bias-update-rate and --balance-loss-coef must be >= 0")
     if args.mesh is not None:
@@ -144,6 +173,45 @@ def check_args(args: argparse.Namespace) -> None:
     elif jax.process_count() > 1:  # one device's state cannot be one state of every process
         raise UserError(f"{jax.process_count()} processes need --mesh over all their devices, e.g. --mesh "
                         f"data={jax.device_count()}")
+
+
+def lora_config(args: argparse.Namespace) -> LoraConfig | None:
+    """The LoRA settings of the command line (None: full training), each bad value named by its option."""
+    given = [f"--{name.replace('_', '-')}" for name in ("lora_alpha", "lora_dropout", "lora_targets", "quantize")
+             if getattr(args, name) is not None]
+    if args.lora_rank is None:
+        if given:
+            raise UserError(f"{given[0]} is a LoRA setting: it needs --lora-rank")
+        return None
+    if not args.lora_rank >= 1:
+        raise UserError(f"--lora-rank must be >= 1, got {args.lora_rank}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UserError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
+    dropout = 0.0 if args.lora_dropout is None else args.lora_dropout
+    if not 0 <= dropout < 1:
+        raise UserError(f"--lora-dropout must lie in [0, 1), got {dropout}")
+    targets = TARGETS
+    if args.lora_targets is not None:
+        names = [t.strip() for t in args.lora_targets.split(",")]
+        unknown = [t for t in names if t not in TARGETS]
+        if unknown or not names:
+            raise UserError(f"--lora-targets {args.lora_targets!r}: {unknown[0] if unknown else 'empty'} is not a "
+                            f"target; give a comma list of {', '.join(TARGETS)}")
+        targets = tuple(t for t in TARGETS if t in names)
+    if args.init is None and not args.resume:
+        raise UserError("--lora-rank adapts a trained model: give it with --init")
+    try:
+        return LoraConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=dropout, targets=targets)
+    except ValueError as e:
+        raise UserError(f"--lora-*: {e}") from None
+
+
+def lora_record(lora: LoraConfig | None, quantize: str | None) -> dict | None:
+    """The LoRA settings as the checkpoint's metadata records them (None: full training)."""
+    if lora is None:
+        return None
+    return {"rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "targets": list(lora.targets),
+            "quantize": quantize}
 
 
 def model_config(args: argparse.Namespace, resume_meta: dict | None) -> Dots1Config:
@@ -208,7 +276,9 @@ def check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig,
               ("--decay", saved_tc["decay_steps"], tc.decay_steps),
               ("--bias-update-rate", saved_tc["bias_update_rate"], tc.bias_update_rate),
               ("--balance-loss-coef", saved_tc["balance_loss_coef"], tc.balance_loss_coef),
-              ("--dtype", meta["dtype"], args.dtype)]
+              ("--dtype", meta["dtype"], args.dtype),
+              ("the LoRA settings (--lora-rank, --lora-alpha, --lora-dropout, --lora-targets, --quantize)",
+               _lora_settings(meta.get("lora")), lora_record(args.lora, args.quantize))]
     for what, saved, now in checks:
         if saved != now:
             raise UserError(f"--resume: {what} differ from the checkpoint's ({saved!r} there, {now!r} now): resume "
@@ -228,6 +298,58 @@ def check_resume(args: argparse.Namespace, meta: dict, fp: str, tc: TrainConfig,
     if step > decay_start:
         raise UserError(f"--extend: the checkpoint (step {step}) is already in the run's decay (after step "
                         f"{decay_start}), so its stable phase cannot be lengthened; {new_run}")
+
+
+def adapter_output(model: nnx.Module, directory: Path, base_path: str, tc: TrainConfig) -> str:
+    """Write adapter/ (PEFT's layout) where PEFT can apply what was trained; the summary's line about it."""
+    lora = model.lora
+    if tc.bias_update_rate > 0:
+        return ("\nno adapter/: --bias-update-rate changed the routers' correction bias, which a PEFT adapter cannot "
+                "hold (hf/ has it)")
+    written = written_targets(lora)
+    if not written:
+        return (f"\nno adapter/: PEFT applies none of the targets {','.join(lora.targets)} to transformers' Dots1 "
+                f"(it applies {', '.join(PEFT_TARGETS)}); hf/ is the trained model")
+    line = f"\nLoRA adapter (PEFT): {save_adapter(model, directory, base_model_name_or_path=base_path)}"
+    left_out = [t for t in lora.targets if t not in written]
+    if left_out:
+        line += (f" (holds {','.join(written)}; PEFT cannot apply {','.join(left_out)} to transformers' Dots1, so "
+                 "their adapters are in hf/ only)")
+    return line
+
+
+def _lora_settings(record: dict | None) -> dict | None:
+    """A checkpoint's LoRA record without what identifies the base (compared apart: base_checksum)."""
+    return None if record is None else {k: v for k, v in record.items() if k not in ("init", "base_checksum")}
+
+
+def lora_state(args: argparse.Namespace, tc: TrainConfig, dtype: Any, meta: dict | None, ckpt_dir: Path,
+               latest: int | None) -> tuple[nnx.GraphDef, TrainState, dict | None, str, dict]:
+    """(graphdef, state, the restored checkpoint's metadata or None, what happened, the LoRA record for the
+    checkpoints: settings, base path and base checksum) of a LoRA run:
+    the base loaded (from --init, or on --resume from the path the run started from unless --init is given), fresh
+    adapters attached, and on --resume the checkpoint's adapters, optimizer state and router bias restored over
+    them once the base's checksum matches the one the run started with."""
+    base_path = args.init if args.init is not None else meta["lora"]["init"]
+    base = from_pretrained(base_path, dtype=dtype, param_dtype=dtype, quantize=args.quantize,
+                           moe_backend=args.moe_backend, attention_backend=args.attention_backend, progress=False)
+    graphdef, state = init_state(attach_lora(base, args.lora, seed=args.seed), tc)
+    del base
+    state = shard_state(state, args.mesh) if args.mesh is not None else jax.device_put(state, jax.devices()[0])
+    count = sum(x.size for x in jax.tree.leaves(state.params))
+    what = (f"loaded {base_path}, LoRA rank {args.lora.rank} on {','.join(args.lora.targets)}: {count} trainable "
+            f"parameters ({count / (count + sum(x.size for x in jax.tree.leaves(state.frozen))):.2%})")
+    checksum = checkpoint.base_checksum(state.frozen)
+    record = {**lora_record(args.lora, args.quantize), "init": str(base_path), "base_checksum": checksum}
+    if meta is None:
+        return graphdef, state, None, what, record
+    if checksum != meta["lora"]["base_checksum"]:
+        raise UserError(f"--resume: the base model {base_path} is not the one the run started from "
+                        f"({meta['lora']['init']}, checksum {meta['lora']['base_checksum']}; now {checksum}): give "
+                        "that model with --init")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    state, meta = checkpoint.restore(ckpt_dir, abstract, latest, frozen=state.frozen)
+    return graphdef, state, meta, f"{what}; resumed from step {meta['step']}", record
 
 
 class _StopSignals:
@@ -253,9 +375,10 @@ class _StopSignals:
         self.previous.clear()
 
 
-def _eval_ce(graphdef: nnx.GraphDef, params: nnx.State, router_bias: nnx.State, batch: Batch) -> jax.Array:
+def _eval_ce(graphdef: nnx.GraphDef, params: nnx.State, router_bias: nnx.State, frozen: nnx.State, batch: Batch
+             ) -> jax.Array:
     """Mean cross-entropy of one held-out batch (no balance term: eval measures the language model only)."""
-    return loss_fn(params, router_bias, graphdef, batch, 0.0)[1]["ce"]
+    return loss_fn(params, router_bias, graphdef, batch, 0.0, frozen=frozen)[1]["ce"]
 
 
 _jit_eval_ce = jax.jit(_eval_ce, static_argnums=0)
@@ -296,7 +419,7 @@ def run_training(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: no checkpoint in {ckpt_dir}")
         meta = checkpoint.read_metadata(ckpt_dir, latest)
         adopt_schedule(args, meta)
-        if args.init is not None:
+        if args.init is not None and args.lora is None:
             print("note: --init is ignored with --resume: the weights come from the checkpoint", file=sys.stderr)
     elif latest is not None:
         raise UserError(f"--out {out} already holds checkpoints (up to step {latest}): pass --resume to continue, "
@@ -319,7 +442,7 @@ def run_training(args: argparse.Namespace) -> int:
         tc = TrainConfig(learning_rate=args.lr, total_steps=args.steps, warmup_steps=args.warmup,
                          decay_steps=args.decay, balance_loss_coef=args.balance_loss_coef,
                          bias_update_rate=args.bias_update_rate, grad_accum_steps=args.grad_accum,
-                         remat=args.remat)
+                         remat=args.remat, seed=args.seed if args.lora is not None else 0)
     except ValueError as e:
         raise UserError(str(e)) from None
     dtype = cli.DTYPES[args.dtype]
@@ -331,6 +454,11 @@ def run_training(args: argparse.Namespace) -> int:
         if meta["step"] >= args.steps:  # a finished run, resumed again: like the converter, nothing to do
             print(f"{out} is complete at step {meta['step']} of {args.steps}: nothing to do")
             return 0
+    lora_meta = None
+    if args.lora is not None:
+        graphdef, state, meta, what, lora_meta = lora_state(args, tc, dtype, meta, ckpt_dir, latest)
+        first_step, position = (0, 0) if meta is None else (meta["step"], meta["data"]["position"])
+    elif meta is not None:
         graphdef, abstract = checkpoint.abstract_train_state(cfg, tc, dtype=dtype, moe_backend=args.moe_backend,
                                                              attention_backend=args.attention_backend)
         if args.mesh is not None:  # restored straight into the mesh's shardings (one per array, in order)
@@ -382,11 +510,12 @@ def run_training(args: argparse.Namespace) -> int:
                 "data": {"position": position, "seq_len": args.seq_len, "batch": args.batch,
                          "fingerprint": fp, "num_tokens": int(tokens.size), "source": str(args.data),
                          "tokenizer": args.tokenizer, "eval_fraction": args.eval_fraction},
-                "rng": {"seed": args.seed},  # the init and the data order; a step itself draws no randomness
-                "model_config": cfg.to_hf(), "train_config": dataclasses.asdict(tc), "dtype": args.dtype}
+                "rng": {"seed": args.seed},  # the init, the data order and LoRA dropout (with the step)
+                "model_config": cfg.to_hf(), "train_config": dataclasses.asdict(tc), "dtype": args.dtype,
+                "lora": lora_meta}
 
     def evaluate() -> float:
-        losses = [_jit_eval_ce(graphdef, state.params, state.router_bias, b) for b in evals]
+        losses = [_jit_eval_ce(graphdef, state.params, state.router_bias, state.frozen, b) for b in evals]
         return float(np.mean(jax.device_get(losses)))
 
     def log(record: dict) -> None:
@@ -443,20 +572,24 @@ def run_training(args: argparse.Namespace) -> int:
     finally:
         stop.restore()
     bar.close()
-    weights = (state.params, state.router_bias)
+    weights = (state.params, state.router_bias, state.frozen)
     if jax.process_count() > 1:  # every process takes part; then each holds the whole model
         weights = multihost_utils.process_allgather(weights, tiled=True)
     if not main_process:
         return 0
 
     plot_losses(records, out / "loss_curve.png")
-    hf_dir = export_hf(nnx.merge(graphdef, *weights), out / "hf", extra_files=shipped_files)
+    model = nnx.merge(graphdef, *weights)
+    hf_dir = export_hf(model if args.lora is None else merge_lora(model), out / "hf", extra_files=shipped_files)
+    adapter_line = ""
+    if args.lora is not None:
+        adapter_line = adapter_output(model, out / "adapter", lora_meta["init"], tc)
     last = [r for r in records if "ce" in r][-1]
     last_eval = [r["eval_loss"] for r in records if "eval_loss" in r]
     print(f"step {args.steps}: train loss {last['loss']:.4f}"
           + (f", eval loss {last_eval[-1]:.4f}" if last_eval else ""))
     print(f"checkpoints: {ckpt_dir}\nmetrics: {metrics_path}\nloss curve: {out / 'loss_curve.png'}\n"
-          f"HF model: {hf_dir}")
+          f"HF model: {hf_dir}{adapter_line}")
     return 0
 
 
