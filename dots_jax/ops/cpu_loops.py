@@ -239,17 +239,18 @@ Scales = tuple[jax.Array, jax.Array, jax.Array]  # (gate [g, I], up [g, I], down
 
 
 class LoopLora(NamedTuple):
-    """LoRA adapters inside the fused loop (ops.gmm.expert_ffn with lora= on "loop"). The gate/up adapters' first
-    product x_low = dropout(rows) @ gate_up_a[g] [m, r] comes computed (one gmm loop of its own, whose gradient
-    carries d_x_low on to the rows and A); each tile adds x_low @ gate_b[g] and x_low @ up_b[g] to its gate and up
-    products, and (h * h_mask) @ down_a[g] @ down_b[g] to its down product. The B factors include LoRA's scaling;
-    h_mask [m, I] is dropout's scaled keep mask on down's adapter input, or None."""
+    """LoRA adapters inside the fused loop (ops.gmm.expert_ffn with lora= on "loop"), per group: gate_up_a [g, H, r],
+    gate_b and up_b [g, r, I], down_a [g, I, r], down_b [g, r, H], the B factors times LoRA's scaling. Each tile adds
+    (x_in @ gate_up_a[g]) @ gate_b[g] to its gate product (up: up_b) and ((h * h_mask) @ down_a[g]) @ down_b[g] to its
+    down product. x_in [m, H]: the gate/up adapters' input (the rows after dropout), None for the rows themselves;
+    h_mask [m, I]: dropout's scaled keep mask on the down adapter's input, or None."""
 
-    x_low: jax.Array
+    gate_up_a: jax.Array
     gate_b: jax.Array
     up_b: jax.Array
     down_a: jax.Array
     down_b: jax.Array
+    x_in: jax.Array | None = None
     h_mask: jax.Array | None = None
 
 
@@ -294,14 +295,14 @@ def expert_ffn_loop(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.A
                              f"output axes), got {[tuple(scale.shape) for scale in scales]}")
     if lora is not None:
         lora = LoopLora(*(None if x is None else jnp.asarray(x).astype(dtype) for x in lora))
-        g, inner, rank = gate.shape[0], gate.shape[2], lora.x_low.shape[-1]
+        g, inner, rank = gate.shape[0], gate.shape[2], lora.gate_up_a.shape[-1]
         m, h = rows.shape
-        expected = ((m, rank), (g, rank, inner), (g, rank, inner), (g, inner, rank), (g, rank, h),
-                    None if lora.h_mask is None else (m, inner))
+        expected = ((g, h, rank), (g, rank, inner), (g, rank, inner), (g, inner, rank), (g, rank, h),
+                    None if lora.x_in is None else (m, h), None if lora.h_mask is None else (m, inner))
         shapes = tuple(None if x is None else tuple(x.shape) for x in lora)
         if shapes != expected:
-            raise ValueError(f"expert_ffn_loop expects lora shaped {expected} (x_low, gate_b, up_b, down_a, down_b, "
-                             f"h_mask), got {shapes}")
+            raise ValueError(f"expert_ffn_loop expects lora shaped {expected} ({', '.join(LoopLora._fields)}), "
+                             f"got {shapes}")
     m, num_groups = rows.shape[0], gate.shape[0]
     if tile is None:
         tile = (loop_row_tile if scales is None else int8_row_tile)(m, num_groups)
@@ -325,10 +326,10 @@ def _scaled(y: jax.Array, scale: jax.Array | None, group: jax.Array) -> jax.Arra
 
 
 def _lora_slots(lora: LoopLora | None, layout: _TileLayout) -> tuple[jax.Array | None, jax.Array | None]:
-    """x_low and h_mask in the padded layout (None where absent)."""
+    """x_in and h_mask in the padded layout (None where absent)."""
     if lora is None:
         return None, None
-    return _to_slots(lora.x_low, layout), None if lora.h_mask is None else _to_slots(lora.h_mask, layout)
+    return tuple(None if x is None else _to_slots(x, layout) for x in (lora.x_in, lora.h_mask))
 
 
 def _tile_rows(slots: jax.Array | None, t: jax.Array, tile: int) -> jax.Array | None:
@@ -344,7 +345,7 @@ def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax
     tile, dtype = layout.tile, rows.dtype
     s_gate, s_up, s_down = (None, None, None) if scales is None else scales
     x_slots = _to_slots(rows, layout)
-    low_slots, mask_slots = _lora_slots(lora, layout)
+    in_slots, mask_slots = _lora_slots(lora, layout)
 
     def one_tile(t: jax.Array, carry: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         group = layout.tile_group[t]
@@ -353,14 +354,15 @@ def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax
         gate_f32 = _scaled(jnp.dot(x, w_gate, preferred_element_type=jnp.float32), s_gate, group)
         up_f32 = _scaled(jnp.dot(x, w_up, preferred_element_type=jnp.float32), s_up, group)
         if lora is not None:
-            x_low = _tile_rows(low_slots, t, tile)  # [T, r]
+            x_in = x if in_slots is None else _tile_rows(in_slots, t, tile)
+            x_low = _low(x_in, None, _block(lora.gate_up_a, group, dtype))  # [T, r]
             gate_f32 = gate_f32 + jnp.dot(x_low, _block(lora.gate_b, group, dtype), preferred_element_type=jnp.float32)
             up_f32 = up_f32 + jnp.dot(x_low, _block(lora.up_b, group, dtype), preferred_element_type=jnp.float32)
         h_gate, h_up = gate_f32.astype(dtype), up_f32.astype(dtype)
         h = silu(h_gate) * h_up
         y = _scaled(jnp.dot(h, w_down, preferred_element_type=jnp.float32), s_down, group)
         if lora is not None:
-            h_low = _down_low(h, _tile_rows(mask_slots, t, tile), _block(lora.down_a, group, dtype))
+            h_low = _low(h, _tile_rows(mask_slots, t, tile), _block(lora.down_a, group, dtype))
             y = y + jnp.dot(h_low, _block(lora.down_b, group, dtype), preferred_element_type=jnp.float32)
         written = (y.astype(dtype), h_gate, h_up) if keep_activations else (y.astype(dtype),)
         return tuple(jax.lax.dynamic_update_slice_in_dim(slots, value, t * tile, axis=0)
@@ -375,10 +377,10 @@ def _ffn_loop_forward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax
     return _from_slots(out_slots, layout), gate_slots, up_slots
 
 
-def _down_low(h: jax.Array, mask: jax.Array | None, down_a: jax.Array) -> jax.Array:
-    """The down adapter's first product (h * mask) @ down_a [T, r], rounded to h's dtype as a gmm would."""
-    h = h if mask is None else h * mask
-    return jnp.dot(h, down_a, preferred_element_type=jnp.float32).astype(h.dtype)
+def _low(x: jax.Array, mask: jax.Array | None, a: jax.Array) -> jax.Array:
+    """An adapter's first product (x * mask) @ a [T, r], rounded to x's dtype as a gmm would."""
+    x = x if mask is None else x * mask
+    return jnp.dot(x, a, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array, scales: Scales | None,
@@ -386,8 +388,8 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
                        layout: _TileLayout
                        ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array] | None, tuple | None]:
     """(d_rows [m, H], (d_gate, d_up, d_down), d_lora), all f32, in one pass over the used tiles; the weight
-    gradients are None for int8 weights (scales given), which have none; d_lora (d_x_low, d_gate_b, d_up_b,
-    d_down_a, d_down_b) is None without adapters.
+    gradients are None for int8 weights (scales given), which have none; d_lora (d_gate_up_a, d_gate_b, d_up_b,
+    d_down_a, d_down_b, d_x_in or None) is None without adapters.
 
     Per tile of group g, with h_gate and h_up saved by the forward and s = silu(h_gate):
       dh = dy @ down[g]^T;  d_down[g] += h^T @ dy  where h = s * h_up
@@ -399,15 +401,16 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
     gradients accumulate in place in f32 carries, as in _loop_backward. Padding slots hold zeros in x and dy,
     so they add nothing.
 
-    With adapters (x_low, gate_b, up_b, down_a, down_b, mask m), per tile, h_low = (h * m) @ down_a[g] recomputed:
+    With adapters, per tile, x_low = x_in @ gate_up_a[g] and h_low = (h * m) @ down_a[g] recomputed (m the mask):
       d_down_b[g] += h_low^T @ dy;  d_low = dy @ down_b[g]^T;  d_down_a[g] += (h * m)^T @ d_low
       dh += (d_low @ down_a[g]^T) * m;  d_gate_b[g] += x_low^T @ dh_gate;  d_up_b[g] += x_low^T @ dh_up
-      d_x_low = dh_gate @ gate_b[g]^T + dh_up @ up_b[g]^T
+      d_x_low = dh_gate @ gate_b[g]^T + dh_up @ up_b[g]^T;  d_gate_up_a[g] += x_in^T @ d_x_low
+      d_x_in = d_x_low @ gate_up_a[g]^T, added to dx when x_in is the rows themselves
     """
     tile, dtype = layout.tile, rows.dtype
     s_gate, s_up, s_down = (None, None, None) if scales is None else scales
     want_weights = scales is None
-    low_slots, mask_slots = _lora_slots(lora, layout)
+    in_slots, mask_slots = _lora_slots(lora, layout)
     # The rows are gathered again rather than saved padded: the padded copy is up to g * (T - 1) rows larger,
     # and saving it measured no faster (a 1.28x vs 1.27x CPU-time gain over the unfused path at the small config).
     x_slots = _to_slots(rows, layout)
@@ -432,10 +435,10 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
         dh = jnp.einsum("th,ih->ti", _scaled(dy, s_down, group), w_down, preferred_element_type=jnp.float32)
         if lora is not None:
             mask = _tile_rows(mask_slots, t, tile)
-            b_gate, b_up, a_down, b_down = (_block(w, group, dtype) for w in lora[1:5])
+            a_gate_up, b_gate, b_up, a_down, b_down = (_block(w, group, dtype) for w in lora[:5])
             h = s * h_up
             h_in = h if mask is None else h * mask  # the down adapter's input
-            h_low = _down_low(h, mask, a_down)
+            h_low = _low(h, mask, a_down)
             d_low = jnp.einsum("th,rh->tr", dy, b_down, preferred_element_type=jnp.float32).astype(dtype)
             d_h_in = jnp.einsum("tr,ir->ti", d_low, a_down, preferred_element_type=jnp.float32)
             dh = dh + (d_h_in if mask is None else d_h_in * mask.astype(jnp.float32))
@@ -446,16 +449,23 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
         dh_gate = ((dh * h_up).astype(jnp.float32) * silu_grad).astype(dtype)
         dx = (jnp.einsum("ti,hi->th", _scaled(dh_gate, s_gate, group), w_gate, preferred_element_type=jnp.float32)
               + jnp.einsum("ti,hi->th", _scaled(dh_up, s_up, group), w_up, preferred_element_type=jnp.float32))
-        dx_slots = jax.lax.dynamic_update_slice_in_dim(dx_slots, dx, t * tile, axis=0)
-        out = [dx_slots]
+        out = []
         if lora is not None:
-            d_low_slots, d_b_gate, d_b_up, d_a_down, d_b_down, *d_weights = d_weights
-            x_low = _tile_rows(low_slots, t, tile)  # [T, r]
+            if in_slots is not None:
+                d_in_slots, *d_weights = d_weights
+            d_a_gate_up, d_b_gate, d_b_up, d_a_down, d_b_down, *d_weights = d_weights
+            x_in = x if in_slots is None else _tile_rows(in_slots, t, tile)
+            x_low = _low(x_in, None, a_gate_up)  # [T, r]
             d_x_low = (jnp.einsum("ti,ri->tr", dh_gate, b_gate, preferred_element_type=jnp.float32)
-                       + jnp.einsum("ti,ri->tr", dh_up, b_up, preferred_element_type=jnp.float32))
-            d_low_slots = jax.lax.dynamic_update_slice_in_dim(d_low_slots, d_x_low, t * tile, axis=0)
+                       + jnp.einsum("ti,ri->tr", dh_up, b_up, preferred_element_type=jnp.float32)).astype(dtype)
+            d_x_in = jnp.einsum("tr,hr->th", d_x_low, a_gate_up, preferred_element_type=jnp.float32)
+            if in_slots is None:
+                dx = dx + d_x_in
+            else:
+                out.append(jax.lax.dynamic_update_slice_in_dim(d_in_slots, d_x_in, t * tile, axis=0))
             low_t = transposed(x_low)
-            out += [d_low_slots,
+            out += [accumulate(d_a_gate_up, group, jnp.dot(transposed(x_in), d_x_low,
+                                                           preferred_element_type=jnp.float32)),
                     accumulate(d_b_gate, group, jnp.dot(low_t, dh_gate, preferred_element_type=jnp.float32)),
                     accumulate(d_b_up, group, jnp.dot(low_t, dh_up, preferred_element_type=jnp.float32)),
                     accumulate(d_a_down, group, jnp.dot(transposed(h_in), d_low, preferred_element_type=jnp.float32)),
@@ -467,19 +477,24 @@ def _ffn_loop_backward(rows: jax.Array, gate: jax.Array, up: jax.Array, down: ja
             d_gate = accumulate(d_gate, group, jnp.dot(x_t, dh_gate, preferred_element_type=jnp.float32))
             d_up = accumulate(d_up, group, jnp.dot(x_t, dh_up, preferred_element_type=jnp.float32))
             out += [d_gate, d_up, d_down]
-        return tuple(out)
+        return (jax.lax.dynamic_update_slice_in_dim(dx_slots, dx, t * tile, axis=0), *out)
 
     slots = layout.num_tiles * tile
     init = (jnp.zeros((slots, rows.shape[1]), jnp.float32),)
-    if lora is not None:  # d_x_low in the padded layout, then the four adapter gradients
-        init += (jnp.zeros((slots, lora.x_low.shape[1]), jnp.float32),)
-        init += tuple(jnp.zeros(w.shape, jnp.float32) for w in lora[1:5])
+    if lora is not None:  # d_x_in in the padded layout (when x_in is given), then the five adapter gradients
+        if in_slots is not None:
+            init += (jnp.zeros((slots, rows.shape[1]), jnp.float32),)
+        init += tuple(jnp.zeros(w.shape, jnp.float32) for w in lora[:5])
     if want_weights:
         init += tuple(jnp.zeros(w.shape, jnp.float32) for w in (gate, up, down))
     dx_slots, *d_rest = jax.lax.fori_loop(0, layout.num_used_tiles, one_tile, init)
     d_lora = None
     if lora is not None:
-        d_lora, d_rest = (_from_slots(d_rest[0], layout), *d_rest[1:5]), d_rest[5:]
+        d_x_in = None
+        if in_slots is not None:
+            d_x_in, *d_rest = d_rest
+            d_x_in = _from_slots(d_x_in, layout)
+        d_lora, d_rest = (*d_rest[:5], d_x_in), d_rest[5:]
     return _from_slots(dx_slots, layout), tuple(d_rest) if want_weights else None, d_lora
 
 
@@ -512,7 +527,7 @@ def _ffn_loop_bwd(tile: int, residuals: tuple, d_out: jax.Array) -> tuple:
         d_gate, d_up, d_down = (d.astype(w.dtype) for d, w in zip(d_weights, (gate, up, down), strict=True))
         d_scales = None
     if d_lora is not None:  # the dropout mask is a constant: a zero cotangent
-        d_lora = LoopLora(*(d.astype(x.dtype) for d, x in zip(d_lora, lora[:5], strict=True)),
+        d_lora = LoopLora(*(None if d is None else d.astype(x.dtype) for d, x in zip(d_lora, lora[:6], strict=True)),
                           h_mask=None if lora.h_mask is None else jnp.zeros_like(lora.h_mask))
     # group_sizes is integer: no cotangent (None means zero).
     return d_rows.astype(rows.dtype), d_gate, d_up, d_down, None, d_scales, d_lora

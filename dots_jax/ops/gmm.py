@@ -233,14 +233,14 @@ def _pad_rank(lora: ExpertLora, multiple: int) -> ExpertLora:
 def _expert_ffn_lora(rows: jax.Array, weights: tuple[jax.Array, ...], scales: tuple[jax.Array | None, ...],
                      group_sizes: jax.Array, backend: str, lora: ExpertLora, dropout: Dropout | None) -> jax.Array:
     """expert_ffn with adapters: each base product plus its low-rank update, every product a gmm on `backend`; on
-    "loop", the gate/up adapters' shared first product is one gmm loop and the rest runs inside the fused loop."""
+    "loop", all of them inside the fused loop (cpu_loops.LoopLora)."""
     dtype = rows.dtype
     lora = ExpertLora(*(w.astype(dtype) for w in lora))
     if backend == "loop":
-        x_low = gmm(_dropped(rows, dropout, 0), lora.gate_up_a, group_sizes, backend="loop")
+        x_in = None if dropout is None else _dropped(rows, dropout, 0)
         mask = None if dropout is None else _keep_mask(dropout, 1, (rows.shape[0], lora.down_a.shape[1]), dtype)
         return expert_ffn_loop(rows, *weights, group_sizes, scales=None if scales[0] is None else scales,
-                               lora=LoopLora(x_low, lora.gate_b, lora.up_b, lora.down_a, lora.down_b, mask))
+                               lora=LoopLora(*lora, x_in=x_in, h_mask=mask))
     if backend == "pallas":
         lora = _pad_rank(lora, PALLAS_RANK_MULTIPLE)
 
