@@ -309,10 +309,25 @@ def test_int8_base_with_adapters_matches_the_dequantised_base(case):
     assert rel_max(logits, want_logits) <= LOGIT_RTOL
     for path in want:
         assert rel_fro(got[path], want[path]) <= GRAD_RTOL, (path, rel_fro(got[path], want[path]))
-    # merge_lora of an int8 base: a float model (the embedding's dtype) with the dequantised weights + adapters.
+    # merge_lora of an int8 base: a float model (the embedding's dtype) whose weights are the dequantised ones plus
+    # scaling * A @ B (against float64 numpy; the merged float model's logits are checked above).
     merged = merge_lora(model)
     assert merged.quantize is None and {x.dtype for x in jax.tree.leaves(nnx.state(merged))} == {jnp.dtype("float32")}
-    assert rel_max(logits_of(merged, case["ids"]), want_logits) <= LOGIT_RTOL
+    base, adapters, got = dequantised(int8), case["adapters"], flat(nnx.state(merged))
+    products = {"q_proj": "lhr,lrnd->lhnd", "k_proj": "lhr,lrnd->lhnd", "v_proj": "lhr,lrnd->lhnd",
+                "o_proj": "lndr,lrh->lndh"}  # else MLPs "lir,lro->lio", routed experts "leir,lero->leio"
+    adapted = 0
+    for path, value in base.items():
+        *parent, name = path
+        b = adapters.get((*parent, name + "_lora_b"))
+        if b is None:
+            continue
+        a = adapters.get((*parent, name + "_lora_a"), adapters.get((*parent, "gate_up_proj_lora_a")))
+        equation = products.get(name, "leir,lero->leio" if a.ndim == 4 else "lir,lro->lio")
+        want_w = value + LORA.scaling * np.einsum(equation, a.astype(np.float64), b.astype(np.float64))
+        assert rel_max(got[path], want_w) <= 1e-6, path
+        adapted += 1
+    assert adapted == 2 * 4 + 3 + 3 + 3  # q/k/v/o of both layer stacks; dense MLP; shared and routed experts
 
 
 def test_dropout_draws_from_the_key(case):
