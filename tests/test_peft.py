@@ -160,18 +160,23 @@ def test_peft_cannot_adapt_the_dense_and_shared_mlps(adapted):
     assert any(n.endswith("experts.gate_up_proj") for n in names), names
 
 
-def test_adapter_written_by_peft_loads_with_missing_targets_zero(adapted, tmp_path: Path):
-    """PEFT's usual q_proj/v_proj adapter, saved by PEFT: its transformers logits are ours after loading."""
+def test_adapters_written_by_peft_load(adapted, tmp_path: Path):
+    """Adapters PEFT trains and saves itself give, loaded here, PEFT's logits: its usual q_proj/v_proj one (k/o get
+    zero adapters), and one on q/v and "gate_proj, up_proj, down_proj", which PEFT puts on the routed experts with
+    rank_pattern/alpha_pattern (gate_up_proj rank 2r): ranks padded to the largest, scalings folded into B."""
     base, _, _, ids = adapted
-    ref = transformers.Dots1ForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
-    torch.manual_seed(0)
-    tuned = peft.get_peft_model(ref, peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights=False))
-    tuned.save_pretrained(tmp_path / "theirs")
-    lora, _ = load_adapter(tmp_path / "theirs", Dots1Config.from_hf(base))
-    assert (lora.rank, lora.scaling, lora.targets) == (3, 2.0, ("attn",))
-    ours = from_pretrained(base, lora=tmp_path / "theirs", progress=False)
-    assert_close(logits_of(ours, ids), torch_logits(tuned.eval(), ids))
+    for name, targets, want in [("qv", ["q_proj", "v_proj"], (3, 2.0, ("attn",))),
+                                ("mlp", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+                                 (6, 1.0, ("attn", "experts")))]:
+        ref = transformers.Dots1ForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+        torch.manual_seed(0)
+        tuned = peft.get_peft_model(ref, peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
+                                                         init_lora_weights=False))
+        tuned.save_pretrained(tmp_path / name)
+        lora, _ = load_adapter(tmp_path / name, Dots1Config.from_hf(base))
+        assert (lora.rank, lora.scaling, lora.targets) == want, name
+        ours = from_pretrained(base, lora=tmp_path / name, progress=False)
+        assert_close(logits_of(ours, ids), torch_logits(tuned.eval(), ids))
 
 
 def test_bad_adapters_are_clear_errors(adapted, tmp_path: Path):

@@ -237,14 +237,34 @@ def save_adapter(model: Dots1ForCausalLM, directory: str | os.PathLike, *,
 # ------------------------------------------------------------------------------------------------ reading
 _UNSUPPORTED = {  # PEFT settings that change what an adapter computes, and which we do not implement
     "use_dora": (False, None), "fan_in_fan_out": (False, None), "bias": ("none", None),
-    "rank_pattern": ({}, None), "alpha_pattern": ({}, None), "modules_to_save": (None, []),
-    "layers_to_transform": (None, []),
+    "modules_to_save": (None, []), "layers_to_transform": (None, []),
 }
 _NAME = re.compile(r"model\.layers\.(?P<layer>\d+)\.(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
 
 
-def read_adapter_config(directory: Path) -> tuple[LoraConfig, list[str]]:
-    """(LoraConfig, target_parameters) of an adapter directory; targets are filled in from its tensors."""
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """What we read of a PEFT adapter_config.json: the rank and alpha, per module where rank_pattern or alpha_pattern
+    say so (PEFT writes them itself when it maps gate_proj/up_proj/down_proj targets onto dots1's fused experts)."""
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_parameters: list[str]
+
+    def rank_and_scaling(self, key: str) -> tuple[int, float]:
+        """(r, scaling) of the module or parameter `key` (model.layers.{layer}.<module>), PEFT's way:
+        peft.utils.other.get_pattern_key, then scaling alpha / r (alpha / sqrt(r) with use_rslora)."""
+        def pattern(patterns: dict, default: Any) -> Any:
+            return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", key)), default)
+
+        rank, alpha = pattern(self.rank_pattern, self.rank), pattern(self.alpha_pattern, self.alpha)
+        return rank, alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+def read_adapter_config(directory: Path) -> AdapterConfig:
+    """An adapter directory's adapter_config.json, checked."""
     path = directory / CONFIG_FILE
     try:
         config = json.loads(path.read_text())
@@ -259,25 +279,30 @@ def read_adapter_config(directory: Path) -> tuple[LoraConfig, list[str]]:
         if config.get(field, allowed[0]) not in allowed:
             raise AdapterError(f"{path}: {field}={config[field]!r} is not supported (only {allowed[0]!r})")
     rank, alpha = config.get("r"), config.get("lora_alpha", 8)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1 or not isinstance(alpha, int | float):
-        raise AdapterError(f"{path}: r={rank!r} and lora_alpha={alpha!r} must be a positive integer and a number")
-    if config.get("use_rslora"):  # scaling alpha / sqrt(r), which is ours, alpha' / r, for alpha' = alpha sqrt(r)
-        alpha = alpha * math.sqrt(rank)
-    parameters = config.get("target_parameters") or []
-    return LoraConfig(rank=rank, alpha=float(alpha), targets=TARGETS), list(parameters)
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not (all(_is_rank(r) for r in [rank, *ranks.values()])
+            and all(isinstance(a, int | float) and a > 0 for a in [alpha, *alphas.values()])):
+        raise AdapterError(f"{path}: r={rank!r}, lora_alpha={alpha!r}, rank_pattern={ranks!r} and alpha_pattern="
+                           f"{alphas!r}: ranks must be positive integers, alphas positive numbers")
+    return AdapterConfig(rank, float(alpha), bool(config.get("use_rslora")), ranks,
+                         {k: float(v) for k, v in alphas.items()}, list(config.get("target_parameters") or []))
 
 
-def open_adapter(directory: str | os.PathLike) -> tuple[Path, LoraConfig, list[str], SafetensorsFile]:
-    """(directory, LoraConfig, target_parameters, its weights file) of an adapter directory, checked from the config
-    and the file's header alone (cheap: before a base model is loaded)."""
+def _is_rank(r: Any) -> bool:
+    return isinstance(r, int) and not isinstance(r, bool) and r >= 1
+
+
+def open_adapter(directory: str | os.PathLike) -> tuple[Path, AdapterConfig, SafetensorsFile]:
+    """(directory, its config, its weights file) of an adapter directory, checked from the config and the file's
+    header alone (cheap: before a base model is loaded)."""
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise AdapterError(f"{directory}: no such adapter directory ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    lora, parameters = read_adapter_config(directory)
+    config = read_adapter_config(directory)
     if not (directory / WEIGHTS_FILE).is_file():
         raise AdapterError(f"{directory}: no {WEIGHTS_FILE} (adapters saved as .bin are not read: save them with "
                            "safe_serialization=True)")
-    return directory, lora, parameters, SafetensorsFile(directory / WEIGHTS_FILE)
+    return directory, config, SafetensorsFile(directory / WEIGHTS_FILE)
 
 
 def load_adapter(directory: str | os.PathLike, cfg: Dots1Config
@@ -285,9 +310,13 @@ def load_adapter(directory: str | os.PathLike, cfg: Dots1Config
     """(LoraConfig, {path in the model state: stacked array}) of the PEFT adapter in `directory` for a model with
     `cfg`: every adapter the LoraConfig's targets give the model, f32, in our layout. The targets are those its
     tensors touch; an adapted target's modules without a tensor (PEFT's common q_proj/v_proj-only adapters) get
-    zero adapters, which change nothing. A tensor we cannot place (another module, a layer the config lacks, a
-    wrong shape) is an AdapterError naming it."""
-    directory, lora, parameters, weights = open_adapter(directory)
+    zero adapters, which change nothing. One rank and alpha for every module give LoraConfig(rank, alpha); an adapter
+    whose modules differ (rank_pattern, alpha_pattern) gets the largest rank R and scaling 1: each module's A and B
+    zero-padded to rank R (the same product) and its scaling folded into B. A tensor we cannot place (another
+    module, a layer the config lacks, a wrong shape) is an AdapterError naming it."""
+    directory, config, weights = open_adapter(directory)
+    # PEFT matches target_parameters by suffix ("gate_up_proj" names mlp.experts.gate_up_proj too).
+    parameters = [p for p in EXPERT_PARAMETERS if any(p == t or p.endswith(f".{t}") for t in config.target_parameters)]
     by_module = {_module_key(e, parameters): e for e in ENTRIES}
     found: dict[tuple[Entry, int], dict[str, np.ndarray]] = {}
     for name in weights:
@@ -304,7 +333,15 @@ def load_adapter(directory: str | os.PathLike, cfg: Dots1Config
     targets = tuple(t for t in TARGETS if any(e.target == t for e, _ in found))
     if not targets:
         raise AdapterError(f"{directory / WEIGHTS_FILE}: holds no adapter tensors")
-    lora = dataclasses.replace(lora, targets=targets)
+    per_module = {(e, layer): config.rank_and_scaling(f"model.layers.{layer}.{e.hf}") for e, layer in found}
+    if len(set(per_module.values())) <= 1 and not config.rank_pattern and not config.alpha_pattern:
+        scaling = config.rank_and_scaling("")[1]  # one rank, one alpha: kept, and no scaling folded into B
+        lora = LoraConfig(rank=config.rank, alpha=scaling * config.rank, targets=targets)
+        fold = 1.0
+    else:
+        rank = max(r for r, _ in per_module.values())
+        lora = LoraConfig(rank=rank, alpha=float(rank), targets=targets)
+        fold = None
     shapes = {path: var.get_value().shape for path, var in
               nnx.to_flat_state(nnx.state(abstract_model(cfg, lora=lora), nnx.LoRAParam))}
     arrays = {path: np.zeros(shape, np.float32) for path, shape in shapes.items()}
@@ -314,20 +351,38 @@ def load_adapter(directory: str | os.PathLike, cfg: Dots1Config
         a_shape, b_shapes = shapes[a_path][1:], [shapes[p][1:] for p in b_paths]
         want_a, want_b = entry.layout.to_peft(np.zeros(a_shape, np.float32),
                                               [np.zeros(s, np.float32) for s in b_shapes])
+        rank, scaling = per_module[entry, layer]
+        experts = a_shape[0] if entry.layout is EXPERTS else 1
         for which, want in (("A", want_a), ("B", want_b)):
             name = _tensor_name(_module_key(entry, parameters), layer, which)
             if which not in pair:
                 raise AdapterError(f"{directory / WEIGHTS_FILE}: {name!r} is missing (its lora_"
                                    f"{'B' if which == 'A' else 'A'} is there)")
-            if pair[which].shape != want.shape:
+            want = (rank * experts, want.shape[1]) if which == "A" else (want.shape[0], rank * experts)
+            if pair[which].shape != want:
                 raise AdapterError(f"{directory / WEIGHTS_FILE}: tensor {name!r} has shape {pair[which].shape}, "
-                                   f"but rank {lora.rank} on this model's config needs {want.shape}")
-        a, bs = entry.layout.from_peft(np.asarray(pair["A"], np.float32), np.asarray(pair["B"], np.float32),
+                                   f"but rank {rank} on this model's config needs {want}")
+        lora_a, lora_b = _pad_rank(np.asarray(pair["A"], np.float32), np.asarray(pair["B"], np.float32), rank,
+                                   lora.rank, experts)
+        a, bs = entry.layout.from_peft(lora_a, lora_b * np.float32(scaling if fold is None else fold),
                                        a_shape, b_shapes)
         arrays[a_path][index] = a
         for path, b in zip(b_paths, bs, strict=True):
             arrays[path][index] = b
     return lora, arrays
+
+
+def _pad_rank(lora_a: np.ndarray, lora_b: np.ndarray, rank: int, to: int, experts: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """PEFT's lora_A [experts * rank, in] and lora_B [out, rank * experts] (experts 1 for a module) with zero rank
+    rows and columns up to rank `to`, in ParamWrapper's order (A expert-major, B rank-major): B @ A is unchanged."""
+    if rank == to:
+        return lora_a, lora_b
+    a = np.zeros((experts, to, lora_a.shape[-1]), np.float32)
+    a[:, :rank] = lora_a.reshape(experts, rank, -1)
+    b = np.zeros((lora_b.shape[0], to, experts), np.float32)
+    b[:, :rank] = lora_b.reshape(lora_b.shape[0], rank, experts)
+    return a.reshape(experts * to, -1), b.reshape(lora_b.shape[0], to * experts)
 
 
 def with_adapter(model: Dots1ForCausalLM, directory: str | os.PathLike, seed: int = 0) -> Dots1ForCausalLM:
