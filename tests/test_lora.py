@@ -30,7 +30,7 @@ from dots_jax.model.lora import TARGETS, LoraConfig, attach_lora, lora_param_cou
 from dots_jax.model.modeling import RouterBias, abstract_model
 from dots_jax.ops import gmm as grouped_matmul
 from dots_jax.ops.quant import quantize_int8
-from dots_jax.parallel.sharding import RULES
+from dots_jax.parallel.sharding import RULES, make_mesh
 
 LORA = LoraConfig(rank=4, alpha=8.0)  # scaling 2: a scaling of 1 would hide a missing or doubled factor
 BATCH, SEQ = 2, 12  # 48 token copies over 8 experts: "auto" is "loop" on CPU
@@ -205,9 +205,15 @@ def case(tmp_path_factory):
     return dict(path=path, base=base, model=model, ids=ids, ref64=ref64, adapters=adapters, want=want, dense=dense)
 
 
+def one_device_mesh() -> jax.sharding.Mesh:
+    """attach_lora and merge_lora build models: under a mesh too (nnx would read logical axes as mesh axes)."""
+    return make_mesh("data=1", devices=jax.devices()[:1])
+
+
 def test_attach_lora_keeps_the_base_and_initialises_as_peft(case):
     base = case["base"]
-    model = attach_lora(base, LORA, seed=1)
+    with jax.set_mesh(one_device_mesh()):
+        model = attach_lora(base, LORA, seed=1)
     ours = dict(nnx.to_flat_state(nnx.state(model)))
     base_state = dict(nnx.to_flat_state(nnx.state(base)))
     for path, var in base_state.items():  # the same arrays, not copies
@@ -266,7 +272,8 @@ def logits_of(model, ids, key=None) -> np.ndarray:
 
 def test_merge_lora_gives_the_adapted_models_logits(case):
     model, ids = case["model"], case["ids"]
-    merged = merge_lora(model)
+    with jax.set_mesh(one_device_mesh()):
+        merged = merge_lora(model)
     assert merged.lora is None and not jax.tree.leaves(nnx.state(merged, nnx.LoRAParam))
     assert {x.dtype for x in jax.tree.leaves(nnx.state(merged))} == {jnp.dtype(jnp.float32)}
     got = logits_of(merged, ids)

@@ -191,9 +191,11 @@ def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dot
     def build() -> Dots1ForCausalLM:
         return type(model)(model.cfg, rngs=nnx.Rngs(seed), **options)
 
-    graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    init = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam)).lower().compile({"xla_backend_optimization_level": 0})
-    adapters = dict(nnx.to_flat_state(init()))
+    # Built outside any mesh: under one, nnx would read the logical axis names as mesh axes.
+    with jax.set_mesh(None):
+        graphdef, abstract = nnx.split(nnx.eval_shape(build))
+        init = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam)).lower().compile({"xla_backend_optimization_level": 0})
+        adapters = dict(nnx.to_flat_state(init()))
     base = dict(nnx.to_flat_state(nnx.state(model)))
     flat = dict(nnx.to_flat_state(abstract))
     for path, var in flat.items():
@@ -214,7 +216,8 @@ def merge_lora(model: Dots1ForCausalLM) -> Dots1ForCausalLM:
         return model
     param_dtype = model.embed_tokens.get_value().dtype
     options = {**model.options(), "lora": None, "quantize": None, "quantize_head": False, "param_dtype": param_dtype}
-    graphdef, target = nnx.split(nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0), **options)))
+    with jax.set_mesh(None):  # as in attach_lora
+        graphdef, target = nnx.split(nnx.eval_shape(lambda: type(model)(model.cfg, rngs=nnx.Rngs(0), **options)))
     source = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
     flat = dict(nnx.to_flat_state(target))
     for path, var in flat.items():
