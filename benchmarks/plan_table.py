@@ -32,6 +32,7 @@ class Row(NamedTuple):
     remat: bool = False
     quantize: str | None = None
     kv_cache_dtype: str | None = None
+    lora_rank: int | None = None
 
 
 ROWS = [Row(*row) for row in [
@@ -45,6 +46,9 @@ ROWS = [Row(*row) for row in [
     ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096, False),
     ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096, False),
     ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128, False),
+    # LoRA (rank 16, every target, experts included) on a frozen bf16 base fits the 64 chips full training does not
+    ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False, None, None, 16),
     # Long context, splash attention (the planner compiles with it)
     ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768, False),
     ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, False),
@@ -61,7 +65,7 @@ OUT = Path(__file__).resolve().parent / "results" / "plan_table.json"
 
 def _key(r: dict) -> Row:
     return Row(r["topology"], r["mesh"], r["mode"], r["batch"], r["seq"], r.get("remat", False), r.get("quantize"),
-               r.get("kv_cache_dtype"))
+               r.get("kv_cache_dtype"), r.get("lora_rank"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.perf_counter()
         r = plan(row.topology, row.mesh, row.batch, row.seq, row.mode, remat=row.remat, quantize=row.quantize,
-                 kv_cache_dtype=row.kv_cache_dtype)
+                 kv_cache_dtype=row.kv_cache_dtype, lora_rank=row.lora_rank)
         extras = " ".join(x for x in ("remat" if row.remat else "", row.quantize and "int8 weights",
-                                      row.kv_cache_dtype and "int8 KV") if x)
+                                      row.kv_cache_dtype and "int8 KV", row.lora_rank and f"LoRA r={row.lora_rank}")
+                          if x)
         what = f"{row.topology} {row.mesh} {row.mode} {extras} {row.batch}x{row.seq}"
         print(f"{what}: {'fits' if r['fits'] else 'does not fit'} "
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)

@@ -19,7 +19,9 @@ prints one `error: ...` line and exits with 2.
 
 Modes: "decode" one decode step for --batch rows against a KV cache of --seq slots (cache donated; its layout
 left to the compiler, which otherwise copies it); "prefill" --batch x --seq prompt tokens written into a cache of
---seq slots; "train" one training step (f32 master weights, bf16 compute, AdamW) on --batch x --seq tokens;
+--seq slots; "train" one training step (f32 master weights, bf16 compute, AdamW) on --batch x --seq tokens, or with
+--lora-rank R a LoRA step (dots_jax.model.lora): f32 adapters with their AdamW moments and gradients, the frozen
+base in bf16 (or int8 with --quantize int8) with no master copy and no moments;
 "serve" the serving engine's decode step (dots_jax.inference.engine.engine_step: --batch rows, the engine's
 max_batch, over a paged KV cache of --page-size-token pages, attention by the "ragged" Pallas kernel) and how many
 KV pages and concurrent --seq-token sequences fit beside it (see serve_capacity).
@@ -61,6 +63,8 @@ CHIPS: dict[str, Chip] = {
     "v6e": Chip("v6e", 32, 918e12, 1640e9, 1),
 }
 MODES = ("decode", "prefill", "train", "serve")
+# dots_jax.model.lora.TARGETS, named here so that the arithmetic imports no JAX (tests check the two agree).
+LORA_TARGETS = ("attn", "mlp", "shared", "experts")
 # The TPU kernels, named: "auto" resolves by the host's platform, and a planner host is a CPU.
 ATTENTION_BACKEND = "splash"
 PAGED_BACKEND = "ragged"
@@ -137,7 +141,8 @@ def experts_hit_fraction(cfg, tokens: int) -> float:
 
 def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, int], remat: bool = False,
                     attention_split: int | None = None, quantize: str | None = None,
-                    kv_cache_dtype: str | None = None) -> dict[str, float]:
+                    kv_cache_dtype: str | None = None, lora_rank: int | None = None,
+                    lora_targets: Sequence[str] = LORA_TARGETS) -> dict[str, float]:
     """Hand-computed flops and HBM bytes per step, total and on the busiest chip.
 
     flops: 2 x active weights per token for the matmuls, plus attention's QK^T and PV (4 x heads x head_dim per
@@ -150,6 +155,11 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     the KV cache (default all; serving's "ragged" kernel splits only the key/value heads and repeats the rest, see
     paged_kv_arithmetic). `quantize` "int8": the decoder's linear weights are read as one byte each (their f32
     per-channel scales add 4 bytes per output channel); `kv_cache_dtype` "int8": see kv_bytes_per_token.
+
+    `lora_rank` (train): a LoRA step on `lora_targets` (lora_param_counts). The frozen base has no weight gradient:
+    its products run twice (forward, the input's gradient; 3x with `remat`) and its bf16 (or int8) weights are read
+    twice; the adapters count as full training's weights do (3x, f32), and the optimizer's traffic is theirs only.
+    "trainable_params": the adapters, or every parameter in full training.
     """
     chips = math.prod(mesh_shape.values())
     attention_split = attention_split or chips
@@ -158,11 +168,19 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
     head, active = active_params_per_token(cfg)
     tokens = batch * (1 if mode in ("decode", "serve") else seq)
     attn_flops_per_token = 4 * cfg.num_attention_heads * cfg.head_dim * seq * cfg.num_hidden_layers
+    lora = lora_param_counts(cfg, lora_rank, lora_targets) if mode == "train" and lora_rank else None
+    lora_active = 0  # the adapter weights one token multiplies through: its experts' and every other
+    if lora:
+        routed = lora["routed_experts"]
+        lora_active = sum(lora.values()) - routed + routed * cfg.num_experts_per_tok // cfg.n_routed_experts
     passes = (4 if remat else 3) if mode == "train" else 1
-    matmul_flops, attention_flops = passes * tokens * 2 * (active + head), passes * tokens * attn_flops_per_token
+    base_passes = passes - 1 if lora else passes
+    matmul_flops = tokens * 2 * (base_passes * (active + head) + passes * lora_active)
+    attention_flops = passes * tokens * attn_flops_per_token
     flops = matmul_flops + attention_flops
 
-    w_bytes = 4 if mode == "train" else 2  # f32 master weights in training (cast to bf16 per use), else bf16
+    # f32 master weights in full training (cast to bf16 per use), else bf16 (a LoRA step's frozen base too)
+    w_bytes = 4 if mode == "train" and not lora else 2
     linear = 1.0 if quantize == "int8" else w_bytes  # per weight of the decoder's linear layers
     scales = quantized_scale_counts(cfg) if quantize == "int8" else dict.fromkeys(c, 0)
     hit = experts_hit_fraction(cfg, tokens)
@@ -171,18 +189,23 @@ def step_arithmetic(cfg, mode: str, batch: int, seq: int, mesh_shape: dict[str, 
         for k in c if k not in ("routed_experts", "embed")
     ) + (linear * c["routed_experts"] + 4 * scales["routed_experts"]) * hit / expert
     kv_bytes = batch * seq * kv_bytes_per_token(cfg, kv_cache_dtype) / attention_split  # read or written once
-    optimizer = 0.0
+    optimizer, trainable = 0.0, sum(c.values())
     if mode == "train":
         kv_bytes = 0.0
-        total = sum(c.values())
-        optimizer = total / chips * 4 * 2 * 4  # params, grads, m, v: f32, each read and written once
-        weights_read *= 3  # forward, and the backward reads them again for both gradients
+        trainable = sum(lora.values()) if lora else trainable
+        optimizer = trainable / chips * 4 * 2 * 4  # params, grads, m, v: f32, each read and written once
+        if lora:  # the base: forward and the input's gradient; the f32 adapters as full training's weights
+            adapters = sum(v for k, v in lora.items() if k != "routed_experts") / tensor
+            weights_read = 2 * weights_read + 3 * 4 * (adapters + lora["routed_experts"] * hit / expert)
+        else:
+            weights_read *= 3  # forward, and the backward reads them again for both gradients
     per_chip_bytes = weights_read + kv_bytes + optimizer
     flops_per_chip = matmul_flops / chips + attention_flops / attention_split
     return {"tokens_per_step": tokens, "flops_per_step": float(flops), "flops_per_chip": flops_per_chip,
             "bytes_per_chip": per_chip_bytes, "weights_read_per_chip": weights_read,
             "kv_bytes_per_chip": kv_bytes, "experts_hit_fraction": hit,
-            "active_params_per_token": active + head, "total_params": sum(c.values())}
+            "active_params_per_token": active + head, "total_params": sum(c.values()),
+            "trainable_params": trainable}
 
 
 LINEAR_KINDS = ("attention", "dense_mlp", "shared_experts", "routed_experts")  # int8 weights with --quantize
@@ -196,6 +219,25 @@ def quantized_scale_counts(cfg) -> dict[str, int]:
     counts["dense_mlp"] = cfg.num_dense_layers * (2 * cfg.intermediate_size + h)  # gate, up, down
     counts["shared_experts"] = cfg.num_moe_layers * (2 * cfg.shared_intermediate_size + h)
     counts["routed_experts"] = cfg.num_moe_layers * cfg.n_routed_experts * (2 * cfg.moe_intermediate_size + h)
+    return counts
+
+
+def lora_param_counts(cfg, rank: int, targets: Sequence[str] = LORA_TARGETS) -> dict[str, int]:
+    """The adapters' parameters by param_counts' kinds: rank x (in + out) per adapted matrix. attn: q, k, v ([H, r]
+    and [r, heads x head_dim]) and o ([heads x head_dim, r] and [r, H]) in every layer; mlp: the dense layers'
+    gate, up and down; shared: the shared experts' three; experts: per routed expert and MoE layer one A [H, r]
+    shared by gate and up, a B [r, I] for each, and [I, r] + [r, H] for down."""
+    h, n, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    counts = dict.fromkeys(param_counts(cfg), 0)
+    if "attn" in targets:
+        counts["attention"] = cfg.num_hidden_layers * rank * (4 * h + 2 * n * d + 2 * kv * d)
+    if "mlp" in targets:
+        counts["dense_mlp"] = cfg.num_dense_layers * 3 * rank * (h + cfg.intermediate_size)
+    if "shared" in targets and cfg.n_shared_experts:
+        counts["shared_experts"] = cfg.num_moe_layers * 3 * rank * (h + cfg.shared_intermediate_size)
+    if "experts" in targets:
+        counts["routed_experts"] = (cfg.num_moe_layers * cfg.n_routed_experts * rank
+                                    * (2 * h + 3 * cfg.moe_intermediate_size))
     return counts
 
 
@@ -255,9 +297,41 @@ def _shard_bytes(sds) -> int:
     return math.prod(shape) * sds.dtype.itemsize
 
 
+def _abstract_train_state(cfg, tc, lora, quantize: str | None):
+    """(graphdef, abstract TrainState): full training's f32 master weights (what a restore fills), or a LoRA model's
+    f32 adapters over a frozen bf16 (or int8) base, its state traced through init_state as training makes it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dots_jax.model.modeling import abstract_model
+    from dots_jax.training.checkpoint import abstract_train_state
+    from dots_jax.training.step import init_state
+
+    if lora is None:
+        return abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
+                                    attention_backend=ATTENTION_BACKEND)
+    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
+                           attention_backend=ATTENTION_BACKEND, quantize=quantize, lora=lora)
+    graphdef, weights = nnx.split(model)
+    return graphdef, jax.eval_shape(lambda w: init_state(nnx.merge(graphdef, w), tc)[1], weights)
+
+
+def _train_state_bytes(state) -> dict[str, int]:
+    """A sharded abstract TrainState's bytes per chip by part: what trains (f32), the frozen base (LoRA), the
+    optimizer's state, and the rest (router bias, step, expert load)."""
+    import jax
+
+    parts = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    named = {"trainable": parts.pop("params"), "frozen": parts.pop("frozen", None),
+             "optimizer": parts.pop("opt_state"), "other": parts}
+    return {k: sum(_shard_bytes(x) for x in jax.tree.leaves(v)) for k, v in named.items()}
+
+
 def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat: bool, quantize: str | None = None,
-           kv_cache_dtype: str | None = None):
-    """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip)."""
+           kv_cache_dtype: str | None = None, lora=None):
+    """(jitted-and-lowered step, weight bytes per chip, KV cache bytes per chip, training state bytes per chip by
+    part ({} outside training)). `lora`: a LoraConfig, for a LoRA training step."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -275,19 +349,17 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     if mode == "train":
-        from dots_jax.training.checkpoint import abstract_train_state
         from dots_jax.training.data import Batch
         from dots_jax.training.step import TrainConfig, train_step
 
         tc = TrainConfig(remat=remat)
-        graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
-                                               attention_backend=ATTENTION_BACKEND)
+        graphdef, state = _abstract_train_state(cfg, tc, lora, quantize)
         state = with_shardings(state, param_shardings(state, mesh))
-        weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+        parts = _train_state_bytes(state)
         data = Batch(tokens_sds((batch, seq)), tokens_sds((batch, seq)), tokens_sds((batch, seq), jnp.float32))
         step = jax.jit(train_step, static_argnums=(0, 1), donate_argnums=2)
         with jax.set_mesh(mesh):
-            return step.lower(graphdef, tc, state, data), weights, 0
+            return step.lower(graphdef, tc, state, data), sum(parts.values()), 0, parts
 
     model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
                            attention_backend=ATTENTION_BACKEND, quantize=quantize)
@@ -321,7 +393,7 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat:
     in_shardings = (*(jax.tree.map(lambda x: x.sharding, a) for a in args[:-1]), cache_sh)
     step = jax.jit(fn, donate_argnums=len(args) - 1, in_shardings=in_shardings, out_shardings=out_shardings)
     with jax.set_mesh(mesh):
-        return step.lower(*args), weights, kv_bytes
+        return step.lower(*args), weights, kv_bytes, {}
 
 
 def _pow2(n: int) -> int:
@@ -522,22 +594,29 @@ def _mesh(mesh_spec: str, devices):
 
 def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config: Any = "dots.llm1.inst",
          auto_layout: bool = True, remat: bool = False, page_size: int = 16, margin: float = SERVE_MARGIN,
-         verify: bool = True, quantize: str | None = None, kv_cache_dtype: str | None = None) -> dict[str, Any]:
+         verify: bool = True, quantize: str | None = None, kv_cache_dtype: str | None = None,
+         lora_rank: int | None = None, lora_alpha: float | None = None,
+         lora_targets: Sequence[str] | None = None) -> dict[str, Any]:
     """Compile one step and return the report (a dict; "fits" False with "needs_gib" when it does not fit).
     `config`: a preset name, a config.json path or a Dots1Config. `remat`: a training step that recomputes each
     layer in its backward pass (`python -m dots_jax.train --remat`). Serve mode: `page_size` tokens per KV page,
     `margin` the share of HBM kept out of the pool, `verify` compiles the step again with the pool it reports.
     `quantize` "int8": int8 weights (from_pretrained(..., quantize="int8")); `kv_cache_dtype` "int8": an int8 KV
-    cache (decode, prefill and serve)."""
+    cache (decode, prefill and serve). `lora_rank` (train): a LoRA step (dots_jax.model.lora.LoraConfig with
+    `lora_alpha` and `lora_targets`, default all of LORA_TARGETS) on a frozen bf16 base, int8 with `quantize`."""
     if mode not in MODES:
         raise PlanError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
     if batch < 1 or seq < 1:
         raise PlanError(f"--batch and --seq must be positive, got {batch} and {seq}")
     if quantize not in (None, "int8") or kv_cache_dtype not in (None, "int8"):
         raise PlanError(f"--quantize and --kv-cache-dtype: int8 or nothing, got {quantize!r} and {kv_cache_dtype!r}")
-    if mode == "train" and (quantize or kv_cache_dtype):
+    if lora_rank is None and (lora_alpha is not None or lora_targets is not None):
+        raise PlanError("--lora-alpha and --lora-targets need --lora-rank")
+    if lora_rank is not None and mode != "train":
+        raise PlanError(f"--lora-rank applies to --mode train only, not --mode {mode}")
+    if mode == "train" and (kv_cache_dtype or (quantize and lora_rank is None)):
         raise PlanError("--quantize and --kv-cache-dtype apply to inference (decode, prefill, serve), not --mode "
-                        "train")
+                        "train; --quantize int8 trains with --lora-rank (a frozen int8 base)")
     if page_size < 1 or not 0 <= margin < 1:
         raise PlanError(f"--page-size must be positive and --margin in [0, 1), got {page_size} and {margin}")
     chip = chip_for(topology)
@@ -547,8 +626,15 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
     from jax.experimental import topologies
 
     from dots_jax.config import Dots1Config, preset
+    from dots_jax.model.lora import LoraConfig
     from dots_jax.parallel.sharding import check_shardable, parse_mesh_spec
 
+    lora = None
+    if lora_rank is not None:
+        try:
+            lora = LoraConfig(lora_rank, lora_alpha, targets=tuple(lora_targets or LORA_TARGETS))
+        except ValueError as e:
+            raise PlanError(f"--lora-rank/--lora-alpha/--lora-targets: {e}") from None
     if isinstance(config, Dots1Config):
         cfg, config = config, "custom config"
     else:
@@ -569,11 +655,14 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
         raise PlanError("--remat applies to --mode train only (inference keeps no activations for a backward)")
     kv_split = paged_kv_arithmetic(cfg, shape, page_size, seq)["head_split"] if mode == "serve" else None
     arith = step_arithmetic(cfg, mode, batch, seq, shape, remat, attention_split=kv_split, quantize=quantize,
-                            kv_cache_dtype=kv_cache_dtype)
+                            kv_cache_dtype=kv_cache_dtype, lora_rank=lora_rank,
+                            lora_targets=lora.targets if lora else LORA_TARGETS)
     report: dict[str, Any] = {
         "topology": topology, "slice": slice_name(topology), "chips": len(devices), "mesh": mesh_spec,
         "mode": mode, "remat": remat, "quantize": quantize, "kv_cache_dtype": kv_cache_dtype, "batch": batch,
         "seq": seq, "config": config, "hbm_gib": chip.hbm_gib,
+        "lora_rank": lora_rank, "lora_alpha": lora.alpha if lora else None,
+        "lora_targets": list(lora.targets) if lora else None,
         "arithmetic": arith, "roofline": roofline(arith, chip),
     }
     if mode == "serve":
@@ -582,8 +671,11 @@ def plan(topology: str, mesh_spec: str, batch: int, seq: int, mode: str, config:
         return report
     t0 = time.perf_counter()
     try:
-        lowered, weights, kv = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat, quantize, kv_cache_dtype)
+        lowered, weights, kv, parts = _lower(cfg, mode, batch, seq, mesh, auto_layout, remat, quantize,
+                                             kv_cache_dtype, lora)
         report["weights_gib"], report["kv_cache_gib"] = weights / GiB, kv / GiB
+        if parts:
+            report["train_state_gib"] = {k: v / GiB for k, v in parts.items()}
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError, depending on the version
         if not _exhausted(e):
@@ -632,6 +724,8 @@ def format_report(r: dict[str, Any]) -> str:
         elif "weights_gib" in r:
             lines.append(f"  weights {r['weights_gib']:.2f} GiB + KV cache {r['kv_cache_gib']:.2f} GiB per chip "
                          "before activations")
+        if "train_state_gib" in r:
+            lines.append("  " + _train_state_line(r))
         if "compiler_message" in r:
             lines.append(f"  compiler: {r['compiler_message']}")
         return "\n".join(lines)
@@ -649,6 +743,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{1e3 * roof['step_time_s']:.2f} ms: compute {1e3 * roof['compute_time_s']:.2f} ms, memory "
         f"{1e3 * roof['memory_time_s']:.2f} ms)",
     ]
+    if "train_state_gib" in r:
+        lines.insert(3, "  " + _train_state_line(r))
     if r.get("mosaic_kernels"):
         lines.append(f"Pallas kernels in the compiled step: {', '.join(r['mosaic_kernels'])}")
     if "compiler_cost_analysis" in r:
@@ -683,8 +779,22 @@ def _serve_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _train_state_line(r: dict[str, Any]) -> str:
+    """The training state per chip by part, and the share of the parameters that trains."""
+    st, a = r["train_state_gib"], r["arithmetic"]
+    share = f"{a['trainable_params'] / 1e9:.2f}B of {a['total_params'] / 1e9:.2f}B parameters train " \
+            f"({100 * a['trainable_params'] / a['total_params']:.2f}%)"
+    if r.get("lora_rank"):
+        base = "int8" if r.get("quantize") else "bf16"
+        return (f"{share}: LoRA adapters (f32) {st['trainable']:.2f} GiB + their AdamW moments "
+                f"{st['optimizer']:.2f} GiB; frozen {base} base {st['frozen']:.2f} GiB per chip")
+    return f"{share}: f32 master weights {st['trainable']:.2f} GiB + AdamW moments {st['optimizer']:.2f} GiB per chip"
+
+
 def _mode_label(r: dict[str, Any]) -> str:
-    extras = [x for x, on in (("remat", r.get("remat")), ("int8 weights", r.get("quantize")),
+    lora = r.get("lora_rank") and f"LoRA r={r['lora_rank']}" + (
+        "" if tuple(r["lora_targets"]) == LORA_TARGETS else f" {','.join(r['lora_targets'])}")
+    extras = [x for x, on in ((lora, lora), ("remat", r.get("remat")), ("int8 weights", r.get("quantize")),
                               ("int8 KV", r.get("kv_cache_dtype"))) if on]
     return r["mode"] + (f" ({', '.join(extras)})" if extras else "")
 
@@ -743,12 +853,17 @@ def _main(argv: Sequence[str] | None) -> int:
                    help="serve: one compile, without compiling the step again with the pool it reports")
     p.add_argument("--quantize", choices=["int8"], help="int8 weights, as from_pretrained(..., quantize='int8')")
     p.add_argument("--kv-cache-dtype", choices=["int8"], help="an int8 KV cache (per token and head scales)")
+    p.add_argument("--lora-rank", type=int, help="train mode: a LoRA step of this rank (frozen bf16 base, or int8 "
+                   "with --quantize int8; f32 adapters and their AdamW moments)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scaling alpha / rank (default alpha = rank)")
+    p.add_argument("--lora-targets", help=f"comma-separated, of {','.join(LORA_TARGETS)} (default all)")
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
     args = p.parse_args(argv)
     report = plan(args.topology, args.mesh, args.batch, args.seq, args.mode, args.config,
                   auto_layout=not args.no_auto_layout, remat=args.remat, page_size=args.page_size,
                   margin=args.margin, verify=not args.no_verify, quantize=args.quantize,
-                  kv_cache_dtype=args.kv_cache_dtype)
+                  kv_cache_dtype=args.kv_cache_dtype, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                  lora_targets=args.lora_targets and [t.strip() for t in args.lora_targets.split(",")])
     print(format_report(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -332,3 +332,103 @@ def test_serving_step_of_the_full_model_compiles_and_reports_the_pages_per_chip(
     text = planner.format_report(r)
     assert f"KV pages per chip: {r['kv_pages_per_chip']:,}" in text and "not verified" in text
     assert f"| {r['kv_pages_per_chip']:,} | {r['seqs_per_slice']:,} (" in planner.serve_table_row(r)
+
+
+# -------------------------------------------------------------------------------------- LoRA training (issue 20)
+def hand_lora_counts(hf: dict, r: int) -> dict[str, int]:
+    """Adapter parameters written out from config.json's fields, one adapted matrix at a time (A [in, r] and
+    B [r, out]; the routed experts' A of gate and up is one, as PEFT adapts transformers' fused gate_up_proj)."""
+    h, n, kv, d = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    layers, dense = hf["num_hidden_layers"], hf["first_k_dense_replace"]
+    moe, experts, width = layers - dense, hf["n_routed_experts"], hf["moe_intermediate_size"]
+    shared, wide = hf["n_shared_experts"] * width, hf["intermediate_size"]
+    q, k, v, o = h * r + r * n * d, h * r + r * kv * d, h * r + r * kv * d, n * d * r + r * h
+    mlp = (h * r + r * wide) + (h * r + r * wide) + (wide * r + r * h)  # gate, up, down
+    shared_mlp = (h * r + r * shared) * 2 + (shared * r + r * h)
+    routed = experts * (h * r + r * width + r * width + width * r + r * h)  # gate_up A, gate B, up B, down A and B
+    return {"attn": layers * (q + k + v + o), "mlp": dense * mlp, "shared": moe * shared_mlp, "experts": moe * routed}
+
+
+def test_lora_training_arithmetic_by_hand() -> None:
+    """--mode train --lora-rank 16 for dots.llm1.inst on v5p-64 (expert=16,fsdp=4): the trainable parameters
+    (1.60B, 1.1% of 142.8B; the routed experts' adapters 97% of them), the flops (the frozen base's products run
+    forward and once more for the input's gradient, the adapters' three times, attention's three times) and the
+    bytes per chip (the bf16 base read twice, the f32 adapters three times, AdamW's traffic for the adapters only),
+    against hand counts from config.json; targets choose which counts enter."""
+    from dots_jax.config import preset
+
+    cfg = preset("dots.llm1.inst")
+    hf = cfg.to_hf()
+    lora = hand_lora_counts(hf, 16)
+    trainable = sum(lora.values())
+    assert trainable == 1_604_572_160 and lora["experts"] / trainable > 0.96
+    c = hand_counts(hf)
+    total = c["routed"] + c["rest"] + c["embed"]
+    assert 0.011 < trainable / total < 0.0113
+
+    mesh, tokens = {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1}, 128 * 128
+    k_over_e = c["k_over_e"]
+    active = c["rest"] + c["routed"] * k_over_e
+    lora_active = lora["attn"] + lora["mlp"] + lora["shared"] + lora["experts"] * k_over_e
+    attention = 4 * 32 * 128 * 128 * 62  # QK^T and PV over 128 slots, per token
+    flops = tokens * (2 * 2 * active + 3 * 2 * lora_active + 3 * attention)
+    hit = 1 - (1 - k_over_e) ** tokens
+    base = 2 * (c["rest"] + c["routed"] * hit / 16)  # bf16, whole per chip outside the experts (tensor=1)
+    adapters = 4 * (lora["attn"] + lora["mlp"] + lora["shared"] + lora["experts"] * hit / 16)
+    expected_bytes = 2 * base + 3 * adapters + trainable / 64 * 4 * 4 * 2  # params, grads, m, v: read and written
+
+    a = planner.step_arithmetic(cfg, "train", 128, 128, mesh, lora_rank=16)
+    assert a["trainable_params"] == trainable and a["total_params"] == total
+    assert a["flops_per_step"] == pytest.approx(flops, rel=1e-6)  # k/E rounds the adapters' active count
+    assert a["bytes_per_chip"] == pytest.approx(expected_bytes, rel=1e-9)
+    full = planner.step_arithmetic(cfg, "train", 128, 128, mesh)
+    assert full["trainable_params"] == total and 0.6 < a["flops_per_step"] / full["flops_per_step"] < 0.7
+
+    for targets in (("attn",), ("experts",), ("mlp", "shared")):
+        counts = planner.lora_param_counts(cfg, 16, targets)
+        assert sum(counts.values()) == sum(lora[t] for t in targets), targets
+        assert planner.step_arithmetic(cfg, "train", 8, 64, mesh, lora_rank=16, lora_targets=targets)[
+            "trainable_params"] == sum(lora[t] for t in targets)
+
+
+def test_lora_arguments_are_checked(capsys) -> None:
+    """--lora-rank only with --mode train; --lora-alpha/--lora-targets only with --lora-rank; a bad target or rank
+    is one `error:` line naming it; --quantize int8 in training only under LoRA (a frozen int8 base)."""
+    base = ["--topology", TOPOLOGY, "--mesh", MESH]
+    assert planner.main([*base, "--mode", "decode", "--lora-rank", "16"]) == 2
+    assert "--lora-rank applies to --mode train only" in capsys.readouterr().err
+    assert planner.main([*base, "--mode", "train", "--lora-alpha", "32"]) == 2
+    assert "need --lora-rank" in capsys.readouterr().err
+    assert planner.main([*base, "--mode", "train", "--lora-rank", "16", "--lora-targets", "attn,router"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "targets" in err and len(err.strip().splitlines()) == 1
+    assert planner.main([*base, "--mode", "train", "--lora-rank", "0"]) == 2
+    assert "rank" in capsys.readouterr().err
+    assert planner.main([*base, "--mode", "train", "--quantize", "int8"]) == 2
+    assert "--lora-rank" in capsys.readouterr().err
+    from dots_jax.model.lora import TARGETS
+
+    assert planner.LORA_TARGETS == TARGETS
+
+
+def test_lora_training_step_compiles_with_a_frozen_bf16_base() -> None:
+    """A LoRA step (rank 4, every target) of tiny.json's model compiled for an 8-chip v5p with mesh data=8, where
+    every chip holds every weight: the training state per chip is the bf16 base (2 bytes a parameter: no f32 master
+    copy, no moments), the f32 adapters (4 bytes) and their two AdamW moments (8 bytes, and two int32 step counts),
+    counted by hand from config.json; the experts' adapters run through the Pallas grouped matmul, forward and
+    backward. (The 142B model's LoRA rows are compiled by benchmarks/plan_table.py, not here: minutes each.)"""
+    from dots_jax.config import preset
+
+    cfg = preset("tiny")
+    hf = cfg.to_hf()
+    r = planner.plan("v5p:2x2x2", "data=8", batch=8, seq=64, mode="train", config=cfg, lora_rank=4)
+    assert r["fits"], r.get("compiler_message")
+    c, adapters = hand_counts(hf), sum(hand_lora_counts(hf, 4).values())
+    state = {k: v * 2**30 for k, v in r["train_state_gib"].items()}
+    assert state["frozen"] == 2 * (c["routed"] + c["rest"] + c["embed"])
+    assert state["trainable"] == 4 * adapters
+    assert state["optimizer"] == 2 * 4 * adapters + 2 * 4  # mu, nu; Adam's and the schedule's step counts
+    assert r["arithmetic"]["trainable_params"] == adapters
+    assert {"dots_gmm", "dots_gmm_t", "dots_tgmm"} <= set(r["mosaic_kernels"]), r["mosaic_kernels"]
+    text = planner.format_report(r)
+    assert "train (LoRA r=4)" in text and "frozen bf16 base" in text
