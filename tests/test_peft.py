@@ -148,6 +148,20 @@ def test_merged_export_gives_the_adapted_logits(adapted, tmp_path: Path):
     assert np.abs(logits_of(without(model, ("mlp", "shared")), ids) - ours).max() > 1e-3 * np.abs(ours).max()
 
 
+def test_from_pretrained_lora_quantizes_the_merged_model(adapted, tmp_path: Path):
+    """lora= with quantize="int8": the int8 model the loader makes of the merged export (test_int8 checks it
+    against float64), bit for bit."""
+    base, model, adapter, _ = adapted
+    merged = export_hf(merge_lora(without(model, ("mlp", "shared"))), tmp_path / "hf")
+    got = from_pretrained(base, lora=adapter, quantize="int8", progress=False)
+    want = from_pretrained(merged, quantize="int8", progress=False)
+    got, want = nnx.to_flat_state(nnx.state(got)), nnx.to_flat_state(nnx.state(want))
+    assert [p for p, _ in got] == [p for p, _ in want]
+    assert any(v.get_value().dtype == jnp.int8 for _, v in got)
+    for (path, a), (_, b) in zip(got, want, strict=True):
+        assert np.array_equal(np.asarray(a.get_value()), np.asarray(b.get_value())), path
+
+
 def test_peft_cannot_adapt_the_dense_and_shared_mlps(adapted):
     """Why adapter/ leaves them out: PEFT (0.21.2) maps a dots1 target named *gate_proj/up_proj/down_proj onto the
     routed experts' fused parameters. Should PEFT change this, this test fails: write those targets then."""
@@ -161,22 +175,21 @@ def test_peft_cannot_adapt_the_dense_and_shared_mlps(adapted):
 
 
 def test_adapters_written_by_peft_load(adapted, tmp_path: Path):
-    """Adapters PEFT trains and saves itself give, loaded here, PEFT's logits: its usual q_proj/v_proj one (k/o get
-    zero adapters), and one on q/v and "gate_proj, up_proj, down_proj", which PEFT puts on the routed experts with
+    """An adapter PEFT trains and saves itself gives, loaded here, PEFT's logits: the usual q_proj/v_proj (k and o
+    get zero adapters) with "gate_proj, up_proj, down_proj", which PEFT puts on the routed experts with
     rank_pattern/alpha_pattern (gate_up_proj rank 2r): ranks padded to the largest, scalings folded into B."""
     base, _, _, ids = adapted
-    for name, targets, want in [("qv", ["q_proj", "v_proj"], (3, 2.0, ("attn",))),
-                                ("mlp", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
-                                 (6, 1.0, ("attn", "experts")))]:
-        ref = transformers.Dots1ForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
-        torch.manual_seed(0)
-        tuned = peft.get_peft_model(ref, peft.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
-                                                         init_lora_weights=False))
-        tuned.save_pretrained(tmp_path / name)
-        lora, _ = load_adapter(tmp_path / name, Dots1Config.from_hf(base))
-        assert (lora.rank, lora.scaling, lora.targets) == want, name
-        ours = from_pretrained(base, lora=tmp_path / name, progress=False)
-        assert_close(logits_of(ours, ids), torch_logits(tuned.eval(), ids))
+    ref = transformers.Dots1ForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    torch.manual_seed(0)
+    tuned = peft.get_peft_model(ref, peft.LoraConfig(r=3, lora_alpha=6, init_lora_weights=False, target_modules=[
+        "q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    tuned.save_pretrained(tmp_path / "theirs")
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {r".*\.gate_up_proj": 6}  # PEFT's doing: the case this test is about
+    lora, _ = load_adapter(tmp_path / "theirs", Dots1Config.from_hf(base))
+    assert (lora.rank, lora.scaling, lora.targets) == (6, 1.0, ("attn", "experts"))
+    ours = from_pretrained(base, lora=tmp_path / "theirs", progress=False)
+    assert_close(logits_of(ours, ids), torch_logits(tuned.eval(), ids))
 
 
 def test_bad_adapters_are_clear_errors(adapted, tmp_path: Path):

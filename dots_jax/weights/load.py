@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
@@ -66,6 +67,9 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     return model
 
 
+_quantize = jax.jit(quantize_int8, static_argnums=1)  # one program per shape, not one per op
+
+
 def quantized(model: Dots1ForCausalLM, quantize: str, quantize_head: bool = False, *, moe_backend: str = "auto",
               attention_backend: str = "auto") -> Dots1ForCausalLM:
     """A float model with its linear weights quantised as Dots1ForCausalLM(quantize=) holds them; the rest as is."""
@@ -79,7 +83,7 @@ def quantized(model: Dots1ForCausalLM, quantize: str, quantize_head: bool = Fals
         if path[-1].endswith("_scale"):
             continue
         if scale in flat:
-            q, s = quantize_int8(floats[path].get_value(), contracted_axes(path[-1], var.get_value().ndim))
+            q, s = _quantize(floats[path].get_value(), contracted_axes(path[-1], var.get_value().ndim))
             var.set_value(q)
             flat[scale].set_value(s)
         else:
