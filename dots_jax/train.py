@@ -579,8 +579,6 @@ def run_training(args: argparse.Namespace) -> int:
         return 0
 
     plot_losses(records, out / "loss_curve.png")
-    if args.mesh is not None:
-        jax.set_mesh(None)  # merge_lora builds a model, whose logical axis names nnx would read as mesh axes
     model = nnx.merge(graphdef, *weights)
     hf_dir = export_hf(model if args.lora is None else merge_lora(model), out / "hf", extra_files=shipped_files)
     adapter_line = ""
