@@ -390,6 +390,21 @@ def test_eight_devices_lora_adapters_split_with_their_experts(strategy, int8):
 
 
 @NEEDS_8
+def test_eight_devices_attach_lora_places_the_adapters_by_the_table(model):
+    """attach_lora on a base placed on a mesh creates the adapters on it, split as RULES says (the routed experts'
+    over "expert" with their experts, "embed" over fsdp), never whole on one device."""
+    from dots_jax.model.lora import LoraConfig, attach_lora
+
+    mesh = sharding.make_mesh("fsdp=2,expert=4")
+    graphdef, state = nnx.split(model)
+    adapted = attach_lora(nnx.merge(graphdef, sharding.shard_state(state, mesh)), LoraConfig(rank=2))
+    adapters = dict(nnx.to_flat_state(nnx.state(adapted, nnx.LoRAParam)))
+    routed_a = adapters[("moe_layers", "mlp", "gate_up_proj_lora_a")].get_value().sharding
+    assert routed_a.mesh.size == 8 and routed_a.spec == P(None, "expert", "fsdp", None)
+    assert all(len(var.get_value().sharding.device_set) == 8 for var in adapters.values())
+
+
+@NEEDS_8
 @pytest.mark.parametrize("spec, check_grads", [("data=2,expert=2,tensor=2", False), ("fsdp=2,tensor=4", True)])
 def test_eight_devices_padded_model_matches_the_unpadded_one_device_model(spec, check_grads, inputs):
     """Dense width 97 and vocabulary 251 on tensor axes of 2 and 4: padded, sharded logits (and on one mesh the

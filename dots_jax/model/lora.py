@@ -26,6 +26,7 @@ from flax import nnx
 from dots_jax.config import Dots1Config
 from dots_jax.model.layers import CONTRACTED
 from dots_jax.ops.quant import dequantize
+from dots_jax.parallel.sharding import param_shardings
 
 if TYPE_CHECKING:  # only for annotations: modeling imports this module
     from dots_jax.model.modeling import Dots1ForCausalLM
@@ -183,7 +184,8 @@ def lora_param_count(cfg: Dots1Config, lora: LoraConfig) -> int:
 def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dots1ForCausalLM:
     """`model` with fresh adapters (A random, B zero) on lora.targets: the same base arrays (same dtype, int8 kept)
     in a model whose `lora` is `lora`. The adapters are those Dots1ForCausalLM(..., lora=lora, rngs=nnx.Rngs(seed))
-    draws; only they are computed (the init runs as one program whose base weights XLA drops)."""
+    draws; only they are computed (the init runs as one program whose base weights XLA drops). A base placed on a
+    multi-device mesh gets its adapters created on that mesh, split by the sharding table."""
     if model.lora is not None:
         raise ValueError(f"this model has adapters already (lora={model.lora}); merge_lora(model) first")
     options = {**model.options(), "lora": lora}
@@ -191,11 +193,14 @@ def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dot
     def build() -> Dots1ForCausalLM:
         return type(model)(model.cfg, rngs=nnx.Rngs(seed), **options)
 
+    placed = model.embed_tokens.get_value().sharding
+    mesh = placed.mesh if isinstance(placed, jax.sharding.NamedSharding) and placed.mesh.size > 1 else None
     # Built outside any mesh: under one, nnx would read the logical axis names as mesh axes.
     with jax.set_mesh(None):
         graphdef, abstract = nnx.split(nnx.eval_shape(build))
-        init = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam)).lower().compile({"xla_backend_optimization_level": 0})
-        adapters = dict(nnx.to_flat_state(init()))
+        shardings = None if mesh is None else param_shardings(nnx.state(abstract, nnx.LoRAParam), mesh)
+        init = jax.jit(lambda: nnx.state(build(), nnx.LoRAParam), out_shardings=shardings)
+        adapters = dict(nnx.to_flat_state(init.lower().compile({"xla_backend_optimization_level": 0})()))
     base = dict(nnx.to_flat_state(nnx.state(model)))
     flat = dict(nnx.to_flat_state(abstract))
     for path, var in flat.items():
