@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +27,7 @@ from dots_jax.model.layers import CONTRACTED
 from dots_jax.ops.quant import dequantize
 from dots_jax.parallel.sharding import param_shardings
 
-if TYPE_CHECKING:  # only for annotations: modeling imports this module
-    from dots_jax.model.modeling import Dots1ForCausalLM
+# The model is annotated as nnx.Module here: dots_jax.model.modeling imports this module, not the other way round.
 
 # attn: q/k/v/o; mlp: the dense layers' MLP; shared: the shared experts' MLP; experts: the routed experts.
 TARGETS = ("attn", "mlp", "shared", "experts")
@@ -181,7 +179,7 @@ def lora_param_count(cfg: Dots1Config, lora: LoraConfig) -> int:
 
 
 # ---------------------------------------------------------------------------------------- attach and merge
-def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dots1ForCausalLM:
+def attach_lora(model: nnx.Module, lora: LoraConfig, seed: int = 0) -> nnx.Module:
     """`model` with fresh adapters (A random, B zero) on lora.targets: the same base arrays (same dtype, int8 kept)
     in a model whose `lora` is `lora`. The adapters are those Dots1ForCausalLM(..., lora=lora, rngs=nnx.Rngs(seed))
     draws; only they are computed (the init runs as one program whose base weights XLA drops). A base placed on a
@@ -190,7 +188,7 @@ def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dot
         raise ValueError(f"this model has adapters already (lora={model.lora}); merge_lora(model) first")
     options = {**model.options(), "lora": lora}
 
-    def build() -> Dots1ForCausalLM:
+    def build() -> nnx.Module:
         return type(model)(model.cfg, rngs=nnx.Rngs(seed), **options)
 
     placed = model.embed_tokens.get_value().sharding
@@ -208,7 +206,7 @@ def attach_lora(model: Dots1ForCausalLM, lora: LoraConfig, seed: int = 0) -> Dot
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def merge_lora(model: Dots1ForCausalLM) -> Dots1ForCausalLM:
+def merge_lora(model: nnx.Module) -> nnx.Module:
     """A model without adapters computing what `model` computes (dropout off): each adapted weight becomes
     W + scaling * A @ B, computed in f32 (HIGHEST precision) and cast to W's dtype; `model` itself when it has no
     adapters.
