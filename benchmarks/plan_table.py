@@ -46,9 +46,16 @@ ROWS = [Row(*row) for row in [
     ("v6e:8x8", "expert=16,fsdp=4", "decode", 64, 4096, False),
     ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096, False),
     ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128, False),
-    # LoRA (rank 16, every target, experts included) on a frozen bf16 base fits the 64 chips full training does not
+    # LoRA (rank 16 on every target, the routed experts included) on a frozen base beside full training: the same
+    # step on 64 chips, with and without remat; 16 chips, where full training's f32 state alone exceeds the HBM; and
+    # an int8 base (QLoRA) on 8 chips
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False),
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False, None, None, 16),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, True),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, True, None, None, 16),
+    ("v5p:2x2x4", "expert=8,fsdp=2", "train", 128, 128, True),
+    ("v5p:2x2x4", "expert=8,fsdp=2", "train", 128, 128, True, None, None, 16),
+    ("v5p:2x2x2", "expert=8", "train", 128, 128, True, "int8", None, 16),
     # Long context, splash attention (the planner compiles with it)
     ("v5p:4x4x4", "expert=16,fsdp=4", "prefill", 1, 32768, False),
     ("v5p:4x4x4", "expert=8,fsdp=8", "train", 8, 8192, False),
