@@ -67,7 +67,11 @@ MODES = ("decode", "prefill", "train", "serve")
 LORA_TARGETS = ("attn", "mlp", "shared", "experts")
 # The TPU kernels, named: "auto" resolves by the host's platform, and a planner host is a CPU.
 ATTENTION_BACKEND = "splash"
-PAGED_BACKEND = "ragged"
+PAGED_BACKEND = "ragged"  # an int8 KV pool runs "blocked" (XLA) instead: the kernel takes no per-token scales
+
+
+def paged_backend(kv_cache_dtype: str | None) -> str:
+    return "blocked" if kv_cache_dtype == "int8" else PAGED_BACKEND
 # Serving: the share of HBM held back from the page pool (allocator fragmentation, the runtime's own buffers; the
 # engine's prefill step, which the planner does not compile, needs fewer temporaries than its decode step).
 SERVE_MARGIN = 0.05
@@ -266,7 +270,8 @@ def paged_kv_arithmetic(cfg, mesh_shape: dict[str, int], page_size: int, seq: in
     page_bytes = page_size * kv_bytes_per_token(cfg, kv_cache_dtype) * kv_heads // cfg.num_key_value_heads
     return {"page_size": page_size, "head_axes": list(axes), "head_split": split,
             "pool_replicas": math.prod(mesh_shape.values()) // split, "kv_heads_per_chip": kv_heads,
-            "page_bytes_per_chip": page_bytes, "pages_per_seq": -(-seq // page_size)}
+            "page_bytes_per_chip": page_bytes, "pages_per_seq": -(-seq // page_size),
+            "paged_backend": paged_backend(kv_cache_dtype)}
 
 
 def serve_capacity(budget_bytes: float, fixed_bytes: float, bytes_per_page: float, pages_per_seq: int,
@@ -445,7 +450,7 @@ def _lower_serve(cfg, graphdef, state, mesh, rows: int, seq: int, page_size: int
         return jax.ShapeDtypeStruct(shape, dtype, sharding=whole)
 
     cols = _pow2(-(-seq // page_size))
-    pages = PageTable(sds((rows, cols)), sds((rows,)), sds((rows,)), PAGED_BACKEND)
+    pages = PageTable(sds((rows, cols)), sds((rows,)), sds((rows,)), paged_backend(kv_cache_dtype))
     sampling = RowSampling(**{f.name: sds((rows,), jnp.dtype(_SAMPLING_DTYPES[f.name]))
                               for f in dataclasses.fields(RowSampling)})
     with jax.set_mesh(mesh):
@@ -757,7 +762,7 @@ def format_report(r: dict[str, Any]) -> str:
 def _serve_lines(r: dict[str, Any]) -> list[str]:
     sv = r["serve"]
     axes = "x".join(sv["head_axes"]) or "no axis"
-    lines = [f"serving: the engine's decode step ({sv['rows']} rows, \"{PAGED_BACKEND}\" paged attention), "
+    lines = [f"serving: the engine's decode step ({sv['rows']} rows, \"{sv['paged_backend']}\" paged attention), "
              f"{sv['page_size']}-token KV pages of {sv['page_bytes_per_chip'] / 2**20:.2f} MiB per chip "
              f"({sv['kv_heads_per_chip']} KV heads per chip: heads split {sv['head_split']} ways over {axes}, the "
              f"pool repeated {sv['pool_replicas']}x)"]
