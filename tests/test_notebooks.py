@@ -4,8 +4,9 @@ Each notebook runs in a fresh python3 kernel (ipykernel; jupyter_client starts i
 JAX_PLATFORMS=cpu, in a temporary working directory, with a time limit per cell. The notebooks use tiny configs or
 the embedded demo model and check what matters themselves (an `assert` in a cell fails the run): the sharded logits
 equal the unsharded ones (01), the converted checkpoint's logits equal the HF checkpoint's (02), the fine-tuning
-loss falls (03). The Cloud TPU notebook (02) skips its TPU-only cells through its own hardware check and runs its
-conversion and sampling cells on a tiny random checkpoint.
+loss falls, fully and with LoRA, and the merged LoRA model's logits equal the adapted model's (03). The Cloud TPU
+notebook (02) skips its TPU-only cells through its own hardware check and runs its conversion and sampling cells on
+a tiny random checkpoint.
 """
 
 from __future__ import annotations
@@ -85,7 +86,9 @@ def test_finetune(cpu_env: Path):
     nb = execute("03_finetune.ipynb", cpu_env)
     text = text_of(nb)
     assert "loss fell from" in text
-    assert images_of(nb) >= 1  # the loss curve
-    # The run's metrics, as the notebook saved them: the loss fell.
+    assert images_of(nb) >= 2  # the loss curve; full fine-tuning's and LoRA's
+    # The runs' metrics, as the notebook saved them: the loss fell, fully fine-tuned and with LoRA adapters.
     metrics = json.loads((cpu_env / "sft_run" / "metrics.json").read_text())
     assert metrics["loss"][-1] < metrics["loss"][0]
+    assert metrics["lora_loss"][-1] < metrics["lora_loss"][0] / 4
+    assert "the merged model's logits equal the adapted model's" in text
