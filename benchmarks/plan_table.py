@@ -47,12 +47,13 @@ ROWS = [Row(*row) for row in [
     ("v6e:8x8", "expert=16,fsdp=4", "prefill", 8, 4096, False),
     ("v5p:4x4x8", "expert=16,fsdp=8", "train", 128, 128, False),
     # LoRA (rank 16 on every target, the routed experts included) on a frozen base beside full training: the same
-    # step on 64 chips, with and without remat; 16 chips, where full training's f32 state alone exceeds the HBM; and
-    # an int8 base (QLoRA) on 8 chips
+    # step on 64 chips, with and without remat; LoRA at SFT length (64 x 4096); 16 chips, where full training's f32
+    # state alone exceeds the HBM; an int8 base (QLoRA) on 8 chips
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False),
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, False, None, None, 16),
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, True),
     ("v5p:4x4x4", "expert=16,fsdp=4", "train", 128, 128, True, None, None, 16),
+    ("v5p:4x4x4", "expert=16,fsdp=4", "train", 64, 4096, True, None, None, 16),
     ("v5p:2x2x4", "expert=8,fsdp=2", "train", 128, 128, True),
     ("v5p:2x2x4", "expert=8,fsdp=2", "train", 128, 128, True, None, None, 16),
     ("v5p:2x2x2", "expert=8", "train", 128, 128, True, "int8", None, 16),
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         reports.append(r)
         write_results(OUT, {"model": "dots.llm1.inst (142B)", "rows": reports})
+    # Every row once more: with --resume the rows kept after the last compiled one were not written yet.
+    write_results(OUT, {"model": "dots.llm1.inst (142B)", "rows": reports})
     print(TABLE_HEADER)
     for r in reports:
         if r["mode"] != "serve":
