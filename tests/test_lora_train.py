@@ -204,3 +204,21 @@ def test_sample_and_serve_take_lora(tmp_path: Path):
     code, _, err = run_cli(sample.main, ["--model", str(DEMO_MODEL_DIR), "--prompt", "def f(", "--lora",
                                          str(tmp_path / "none")])
     assert code == 2 and err.count("\n") == 1 and "no such adapter directory" in err, err
+
+
+def test_sample_with_the_adapter_equals_sample_of_the_merged_export(straight: Path):
+    """`sample --model BASE --lora OUT/adapter` (merged at load time) writes what `sample --model OUT/hf` does."""
+    from dots_jax import sample
+
+    common = ["--prompt", "def feet_to_cups(value):\n", "--max-new-tokens", "16", "--show-ids"]  # the task's form
+    code, with_adapter, err = run_cli(sample.main, ["--model", str(DEMO_MODEL_DIR), "--lora",
+                                                    str(straight / "adapter"), *common])
+    assert code == 0, err
+    code, merged, err = run_cli(sample.main, ["--model", str(straight / "hf"), *common])
+    assert code == 0, err
+    assert with_adapter == merged
+    # The adapter must change the model, or this compares nothing (six steps need not change a greedy answer).
+    ids = jnp.asarray(random_ids(1000, 1, 16, seed=3))
+    adapted = from_pretrained(DEMO_MODEL_DIR, lora=straight / "adapter", progress=False)(ids)
+    plain = from_pretrained(DEMO_MODEL_DIR, progress=False)(ids)
+    assert float(jnp.abs(adapted - plain).max()) > 1e-2 * float(jnp.abs(plain).max())
