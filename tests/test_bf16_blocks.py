@@ -277,9 +277,11 @@ def router_in_bf16(x, router_weight, correction_bias, *, top_k, n_group, topk_gr
     return weights.astype(jnp.float32), indices.astype(jnp.int32), logits.astype(jnp.float32)
 
 
-def combine_in_bf16(x, weights, indices, gate, up, down, *, first_expert, backend="auto", scales=None):
+def combine_in_bf16(x, weights, indices, gate, up, down, *, first_expert, backend="auto", scales=None, lora=None,
+                    dropout=None):
     """moe.local_experts with the weighted sum of expert outputs in bf16: each weighted copy rounded and added in
-    bf16, one expert slot after another, as an in-place bf16 index_add_ does."""
+    bf16, one expert slot after another, as an in-place bf16 index_add_ does (a model without adapters)."""
+    assert lora is None and dropout is None
     num_tokens, top_k = indices.shape
     copy_token = jnp.arange(num_tokens * top_k, dtype=jnp.int32) // top_k
     out = moe_module.expert_ffn(x, copy_token, indices.reshape(-1) - first_expert, gate, up, down, backend=backend,
