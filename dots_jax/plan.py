@@ -302,26 +302,6 @@ def _shard_bytes(sds) -> int:
     return math.prod(shape) * sds.dtype.itemsize
 
 
-def _abstract_train_state(cfg, tc, lora, quantize: str | None):
-    """(graphdef, abstract TrainState): full training's f32 master weights (what a restore fills), or a LoRA model's
-    f32 adapters over a frozen bf16 (or int8) base, its state traced through init_state as training makes it."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from dots_jax.model.modeling import abstract_model
-    from dots_jax.training.checkpoint import abstract_train_state
-    from dots_jax.training.step import init_state
-
-    if lora is None:
-        return abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
-                                    attention_backend=ATTENTION_BACKEND)
-    model = abstract_model(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, moe_backend="pallas",
-                           attention_backend=ATTENTION_BACKEND, quantize=quantize, lora=lora)
-    graphdef, weights = nnx.split(model)
-    return graphdef, jax.eval_shape(lambda w: init_state(nnx.merge(graphdef, w), tc)[1], weights)
-
-
 def _train_state_bytes(state) -> dict[str, int]:
     """A sharded abstract TrainState's bytes per chip by part: what trains (f32), the frozen base (LoRA), the
     optimizer's state, and the rest (router bias, step, expert load)."""
@@ -354,11 +334,13 @@ def _lower(cfg, mode: str, batch: int, seq: int, mesh, auto_layout: bool, remat:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     if mode == "train":
+        from dots_jax.training.checkpoint import abstract_train_state
         from dots_jax.training.data import Batch
         from dots_jax.training.step import TrainConfig, train_step
 
         tc = TrainConfig(remat=remat)
-        graphdef, state = _abstract_train_state(cfg, tc, lora, quantize)
+        graphdef, state = abstract_train_state(cfg, tc, dtype=jnp.bfloat16, moe_backend="pallas",
+                                               attention_backend=ATTENTION_BACKEND, lora=lora, quantize=quantize)
         state = with_shardings(state, param_shardings(state, mesh))
         parts = _train_state_bytes(state)
         data = Batch(tokens_sds((batch, seq)), tokens_sds((batch, seq)), tokens_sds((batch, seq), jnp.float32))

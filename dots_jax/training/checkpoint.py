@@ -25,7 +25,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.modeling import RouterBias, abstract_model
+from dots_jax.model.lora import LoraConfig
+from dots_jax.model.modeling import abstract_model
 from dots_jax.training.step import TrainConfig, TrainState, init_state, is_lora
 
 CHECKPOINTS = "checkpoints"  # the subdirectory of a training run's output directory
@@ -138,12 +139,14 @@ def _bit_sums(arrays: list[jax.Array]) -> list[jax.Array]:
 
 
 def abstract_train_state(cfg: Dots1Config, tc: TrainConfig, *, dtype: Any = jnp.float32, moe_backend: str = "auto",
-                         attention_backend: str = "auto") -> tuple[nnx.GraphDef, TrainState]:
+                         attention_backend: str = "auto", lora: LoraConfig | None = None,
+                         quantize: str | None = None) -> tuple[nnx.GraphDef, TrainState]:
     """(graphdef, TrainState of ShapeDtypeStructs) for a model with f32 master weights and compute `dtype`:
-    what restore() needs, built without computing a single weight (random init costs seconds of compiles)."""
-    model = abstract_model(cfg, dtype=dtype, param_dtype=jnp.float32, moe_backend=moe_backend,
-                           attention_backend=attention_backend)
-    graphdef, params, router_bias = nnx.split(model, nnx.Param, RouterBias)
+    what restore() needs, built without computing a single weight (random init costs seconds of compiles). With
+    `lora`: f32 adapters over a frozen base held in `dtype` (int8 with `quantize`), as a LoRA run trains it."""
+    model = abstract_model(cfg, dtype=dtype, param_dtype=jnp.float32 if lora is None else dtype,
+                           moe_backend=moe_backend, attention_backend=attention_backend, quantize=quantize, lora=lora)
+    graphdef, weights = nnx.split(model)
     # init_state itself, traced: the optimizer state's structure is exactly what training creates.
-    state = jax.eval_shape(lambda p, r: init_state(nnx.merge(graphdef, p, r), tc)[1], params, router_bias)
+    state = jax.eval_shape(lambda w: init_state(nnx.merge(graphdef, w), tc)[1], weights)
     return graphdef, state
