@@ -6,19 +6,17 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
 from dots_jax.config import Dots1Config
-from dots_jax.model.layers import contracted_axes
 from dots_jax.model.lora import merge_lora
 from dots_jax.model.modeling import Dots1ForCausalLM, abstract_model
-from dots_jax.ops.quant import quantize_int8
 from dots_jax.parallel.sharding import shard_state
 from dots_jax.weights.converted import as_path, is_converted, load_converted, read_config
-from dots_jax.weights.hf import load_hf, resolve
+from dots_jax.weights.hf import is_scale, load_hf, quantize_slice, resolve, scale_path
 from dots_jax.weights.peft import open_adapter, with_adapter
 
 
@@ -67,27 +65,25 @@ def from_pretrained(path: str | os.PathLike, *, mesh: Mesh | None = None, dtype:
     return model
 
 
-_quantize = jax.jit(quantize_int8, static_argnums=1)  # one program per shape, not one per op
-
-
 def quantized(model: Dots1ForCausalLM, quantize: str, quantize_head: bool = False, *, moe_backend: str = "auto",
               attention_backend: str = "auto") -> Dots1ForCausalLM:
-    """A float model with its linear weights quantised as Dots1ForCausalLM(quantize=) holds them; the rest as is."""
+    """A float model with its linear weights quantised as Dots1ForCausalLM(quantize=) holds them (the HF loader's
+    quantize_slice, weight by weight); the rest as is."""
     int8 = abstract_model(model.cfg, dtype=model.dtype, moe_backend=moe_backend, attention_backend=attention_backend,
                           quantize=quantize, quantize_head=quantize_head)
     graphdef, state = nnx.split(int8)
     flat = dict(nnx.to_flat_state(state))
     floats = dict(nnx.to_flat_state(nnx.state(model)))
     for path, var in flat.items():
-        scale = (*path[:-1], path[-1] + "_scale")
-        if path[-1].endswith("_scale"):
+        if is_scale(path):
             continue
-        if scale in flat:
-            q, s = _quantize(floats[path].get_value(), contracted_axes(path[-1], var.get_value().ndim))
-            var.set_value(q)
-            flat[scale].set_value(s)
+        value = floats[path].get_value()
+        if scale_path(path) in flat:
+            q, scale = quantize_slice(np.asarray(value), path)
+            var.set_value(jnp.asarray(q))
+            flat[scale_path(path)].set_value(jnp.asarray(scale))
         else:
-            var.set_value(floats[path].get_value())
+            var.set_value(value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
