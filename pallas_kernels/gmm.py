@@ -318,7 +318,7 @@ class _Static:
     tiling: Tiling | None
     out_dtype: np.dtype
     interpret: Any
-    platform: str  # "tpu" (Mosaic; also what runs on CPU in interpret mode) or "gpu"
+    platform: str  # "tpu" (Mosaic; also what runs on CPU in interpret mode), "gpu" (Triton) or "mosaic_gpu"
 
 
 def _kernels(platform: str):
@@ -326,6 +326,10 @@ def _kernels(platform: str):
         from pallas_kernels import gmm_gpu  # imported lazily: it pulls in the Triton lowering
 
         return gmm_gpu.gmm_gpu, gmm_gpu.tgmm_gpu
+    if platform == "mosaic_gpu":
+        from pallas_kernels import gmm_mgpu  # imported lazily: it pulls in the Mosaic GPU lowering
+
+        return gmm_mgpu.gmm_mgpu, gmm_mgpu.tgmm_mgpu
     return gmm_tpu, tgmm_tpu
 
 
@@ -369,8 +373,8 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def _platform(interpret: Any, platform: str | None) -> str:
     """Which kernels: the caller's choice, else the GPU ones on a GPU and the Mosaic ones elsewhere."""
     if platform is not None:
-        if platform not in ("tpu", "gpu"):
-            raise ValueError(f"platform must be 'tpu', 'gpu' or None, got {platform!r}")
+        if platform not in ("tpu", "gpu", "mosaic_gpu"):
+            raise ValueError(f"platform must be 'tpu', 'gpu', 'mosaic_gpu' or None, got {platform!r}")
         return platform
     backend = jax.default_backend()
     if backend == "gpu":
@@ -389,7 +393,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, group_offset:
     (default 0). tiling: (tm, tk, tn), default choose_tiling(m, k, n, G). The output dtype is
     preferred_element_type, else lhs.dtype; products accumulate in f32. interpret: True (or a
     pltpu.InterpretParams) runs the TPU kernel in the Pallas interpreter, on any platform; on a GPU the
-    Triton-lowered kernel of gmm_gpu.py is used; platform ("tpu" / "gpu") forces one kernel family (tests
+    Triton-lowered kernel of gmm_gpu.py is used; platform ("tpu" / "gpu" / "mosaic_gpu") forces one kernel family (tests
     run the GPU kernels in the interpreter this way). Differentiable in lhs and rhs.
     rhs_scale f32 [g_local, n]: rhs is int8 and the product is lhs @ (rhs * rhs_scale[:, None, :]) (see the
     module docstring); differentiable in lhs and rhs_scale.
