@@ -14,11 +14,11 @@ in a multi-buffered pipeline (plgpu.emit_pipeline) into an f32 wgmma accumulator
         zeroing, in shared memory, the rows of a block that belong to neighbouring groups (first and last block only),
         and stores its whole tile (zeros for an empty group).
 
-Operands: bf16 or f16 go to the tensor cores as they are. f32 operands are split into bf16 high and low parts and
-multiplied in three passes (hi*hi + hi*lo + lo*hi, accumulated in f32): wgmma would otherwise take f32 as TF32, a
-1e-3 relative error; the split leaves about 2^-17. An int8 rhs is streamed as int8 (half of bf16's bytes), converted
-to the lhs's dtype in registers and written back to shared memory before each product (exact: |q| <= 127); gmm.gmm
-applies the per-column scales to the f32 output.
+Operands: bf16 or f16 go to the tensor cores as they are. f32 operands are split into three bf16 parts each and
+multiplied in six passes accumulated in f32 (wgmma would otherwise take f32 as TF32, a 1e-3 relative error; two
+parts leave about 2^-17, which the f32 parity tests see): f32 is for exactness checks, bf16 for speed. An int8 rhs
+is streamed as int8 (half of bf16's bytes), converted to the lhs's dtype in registers and written back to shared
+memory before each product (exact: |q| <= 127); gmm.gmm applies the per-column scales to the f32 output.
 
 Shapes: k and n are zero-padded to multiples of the tiles (zero rows and columns change no product) and the rows to
 a multiple of tm; at dots1's shapes (4096, 1408 = 11 x 128) nothing is padded. The GPU interpreter of Pallas runs
@@ -95,22 +95,28 @@ def _num_sms(interpret: Any) -> int:
     return devices[0].core_count if devices[0].platform == "gpu" else HOPPER_SMS
 
 
-def _split_f32(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x = hi + lo + O(2^-17 |x|) with hi and lo in bf16."""
-    hi = x.astype(jnp.bfloat16)
-    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+def _split_f32(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x as three bf16 parts, x = x0 + x1 + x2 to within 2^-24 |x| (each part holds the next 8 bits)."""
+    parts = []
+    rest = x.astype(jnp.float32)
+    for _ in range(3):
+        part = rest.astype(jnp.bfloat16)
+        parts.append(part)
+        rest = rest - part.astype(jnp.float32)
+    return tuple(parts)
 
 
 def _passes(lhs: jax.Array, rhs: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-    """The (lhs, rhs) products whose sum is lhs @ rhs: one for 16-bit operands, three bf16 ones (two for an int8
-    rhs, which bf16 holds exactly) for f32."""
+    """The (lhs, rhs) products whose sum is lhs @ rhs: one for 16-bit operands; for f32, the six bf16 products of
+    three-part splits whose orders add up to at most 2 (what is left is below f32's rounding), or three for an int8
+    rhs, which bf16 holds exactly."""
     if lhs.dtype != jnp.float32:
         return [(lhs, rhs)]
-    lhs_hi, lhs_lo = _split_f32(lhs)
+    x = _split_f32(lhs)
     if rhs.dtype == jnp.int8:
-        return [(lhs_hi, rhs), (lhs_lo, rhs)]
-    rhs_hi, rhs_lo = _split_f32(rhs.astype(jnp.float32))
-    return [(lhs_hi, rhs_hi), (lhs_hi, rhs_lo), (lhs_lo, rhs_hi)]
+        return [(part, rhs) for part in x]
+    w = _split_f32(rhs)
+    return [(x[i], w[j]) for i in range(3) for j in range(3) if i + j <= 2]
 
 
 def _sum_passes(results: list[jax.Array], out_dtype: Any) -> jax.Array:

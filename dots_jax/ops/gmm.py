@@ -18,6 +18,9 @@ Backends (all take the same arguments and agree to float rounding):
   "gather"      one weight matrix gathered per row: reads only the chosen groups; best for decode (2m <= g).
   "pallas"      our Pallas kernels (pallas_kernels/gmm.py): Mosaic on TPU, Triton-lowered on GPU; on CPU the
                 TPU kernel runs in the Pallas interpreter (slow: for tests, never picked by "auto" on CPU).
+  "mosaic_gpu"  our Mosaic GPU kernels (pallas_kernels/gmm_mgpu.py: wgmma and TMA, NVIDIA Hopper and later), the
+                successor of the deprecated Triton lowering; elsewhere in the Pallas GPU interpreter (tests). Not yet
+                picked by "auto": it has not run on a GPU (see default_backend).
 "auto" picks default_backend(m, g): "pallas" on TPU and GPU; on CPU "gather" when 2m <= g, else "loop".
 
 expert_ffn() is the SwiGLU expert FFN (gate, up, SiLU, down) on rows sorted by expert, for any backend: the fused
@@ -54,7 +57,7 @@ from dots_jax.ops.quant import dequantize, scale_rows
 from pallas_kernels import reference
 
 __all__ = ["BACKENDS", "Dropout", "ExpertLora", "default_backend", "expert_ffn", "gmm", "gmm_dense", "gmm_gather",
-           "gmm_pallas", "gmm_ragged_dot", "register_backend"]
+           "gmm_mosaic_gpu", "gmm_pallas", "gmm_ragged_dot", "register_backend"]
 
 # A backend is fn(lhs, rhs, group_sizes, preferred_element_type) -> [m, n] array of dtype
 # preferred_element_type. gmm() always passes a concrete dtype there (never None), and it has already
@@ -132,7 +135,8 @@ def default_backend(m: int | None = None, g: int | None = None) -> str:
     shapes, and ragged_dot's gradient ran out of memory on a 1.3B model; benchmarks/gmm.py). On CPU, where ragged_dot is
     a g-times-too-much masked product and Pallas only interprets: 'gather' for decode-sized problems (2m <= g
     rows: it reads only the chosen experts' weights; measured, it loses to 'loop' from about m = g on, see
-    benchmarks/gmm_cpu.py), else 'loop'."""
+    benchmarks/gmm_cpu.py), else 'loop'. 'mosaic_gpu', the Triton kernel's successor on GPU, becomes the GPU default
+    once benchmarks/gmm.py has measured it on a GPU: it has only run in the interpreter and been lowered for one."""
     if jax.default_backend() != "cpu":
         return "pallas"
     return "gather" if m is not None and g is not None and 2 * m <= g else "loop"
@@ -331,7 +335,25 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
     """pallas_kernels.gmm: the Mosaic kernel on TPU, the Triton one on GPU, the interpreted Mosaic kernel on
     CPU. Tiles come from its per-shape table; rows past sum(group_sizes) are written as zeros by the kernel.
     An int8 rhs is converted inside the kernels (in VMEM per tile on TPU, in registers on GPU)."""
-    # Imported here: Pallas (and on GPU its Triton lowering) is only loaded by those who use this backend.
+    # Chosen when lowering, not from jax.default_backend(): a CPU host compiling ahead of time for a TPU
+    # (jax.jit(...).lower(...) on TPU devices) must get the Mosaic kernel, not the interpreter.
+    return _pallas_kernel(lhs, rhs, group_sizes, rhs_scale, preferred_element_type,
+                          tpu=("tpu", False), cuda=("gpu", False), rocm=("gpu", False), default=("tpu", True))
+
+
+def gmm_mosaic_gpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
+                   preferred_element_type: jnp.dtype, *, rhs_scale: jax.Array | None = None) -> jax.Array:
+    """pallas_kernels.gmm_mgpu: the Mosaic GPU kernels (wgmma, Hopper and later) on an NVIDIA GPU, the same
+    kernels in the Pallas GPU interpreter elsewhere (slow: for tests). An int8 rhs is converted in shared memory."""
+    return _pallas_kernel(lhs, rhs, group_sizes, rhs_scale, preferred_element_type,
+                          cuda=("mosaic_gpu", False), default=("mosaic_gpu", True))
+
+
+def _pallas_kernel(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, rhs_scale: jax.Array | None,
+                   preferred_element_type: jnp.dtype, **platforms: tuple[str, bool]) -> jax.Array:
+    """pallas_kernels.gmm.gmm with, per lowering platform (jax.lax.platform_dependent's keywords), its kernel family
+    and whether it is interpreted."""
+    # Imported here: Pallas (and on GPU its lowerings) is only loaded by those who use these backends.
     from pallas_kernels import gmm as pallas_gmm
 
     def kernel(platform: str, interpret: bool) -> Callable[..., jax.Array]:
@@ -341,11 +363,8 @@ def gmm_pallas(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array,
                                   interpret=interpret)
         return run
 
-    # Chosen when lowering, not from jax.default_backend(): a CPU host compiling ahead of time for a TPU
-    # (jax.jit(...).lower(...) on TPU devices) must get the Mosaic kernel, not the interpreter.
-    return jax.lax.platform_dependent(lhs, rhs, group_sizes, rhs_scale, tpu=kernel("tpu", False),
-                                      cuda=kernel("gpu", False), rocm=kernel("gpu", False),
-                                      default=kernel("tpu", True))
+    branches = {name: kernel(*choice) for name, choice in platforms.items()}
+    return jax.lax.platform_dependent(lhs, rhs, group_sizes, rhs_scale, **branches)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -354,4 +373,5 @@ BACKENDS: dict[str, Backend] = {
     "loop": gmm_loop,
     "gather": gmm_gather,
     "pallas": gmm_pallas,
+    "mosaic_gpu": gmm_mosaic_gpu,
 }
