@@ -12,7 +12,9 @@ its defaults (sdpa attention, the "grouped_mm" experts implementation, both reco
 - prefill tokens/s of one prompt of each --prefill-tokens length (default 2048, 8192): ours generate() with one new
   token, transformers' forward with logits_to_keep=1 (as its generate() prefills);
 - decode tokens/s at each --batches size (default 1, 8, 64): generate(N + 1 tokens) - generate(1 token), so the
-  prompt does not count, on both sides;
+  prompt does not count, on both sides; N = 15 by default, so that both calls fall in generate()'s 16-token bucket
+  of new tokens and run the same compiled programs (one compile per batch size, and no difference in cache length
+  between the two calls);
 - ratios ours / transformers, beside the targets of issue 21 (decode 3x at batch 1, 2x at 64, prefill 1.5x).
 
 Every timed call ends in a device sync (our generate() returns host tokens; torch.cuda.synchronize()); the first
@@ -22,7 +24,7 @@ every phase on the CPU with a tiny config and tiny lengths (a check of the scrip
 to a temporary file unless --out is given.
 
     python benchmarks/generate_gpu.py [--moe-backend auto] [--attention-backend auto] [--batches 1,8,64]
-                                      [--prefill-tokens 2048,8192] [--repeats 3] [--model-dir DIR]
+                                      [--prefill-tokens 2048,8192] [--repeats 5] [--model-dir DIR]
                                       [--out benchmarks/results/generate_gpu.json] [--dry-run]
 """
 
@@ -274,8 +276,8 @@ def main() -> int:
     parser.add_argument("--attention-backend", default="auto", help="dots_jax's attention backend")
     parser.add_argument("--batches", type=int_list, default=None, help="decode batch sizes (default 1,8,64)")
     parser.add_argument("--prefill-tokens", type=int_list, default=None, help="prompt lengths (default 2048,8192)")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 32)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure, median (default 3)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="timed decode steps (default 15)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per figure, median (default 5)")
     parser.add_argument("--model-dir", type=Path, default=None,
                         help="where to save the random checkpoint (reused if it holds the same one; default: a "
                              "temporary directory)")
@@ -298,7 +300,7 @@ def main() -> int:
                   "--dry-run checks the script, benchmarks/generate_cpu.py measures)", file=sys.stderr)
             return 2
         overrides, device = CONFIG, "cuda"
-        batches, prefill, decode_tokens, repeats = [1, 8, 64], [2048, 8192], 32, 3
+        batches, prefill, decode_tokens, repeats = [1, 8, 64], [2048, 8192], 15, 5
         out = args.out or "benchmarks/results/generate_gpu.json"
     batches = args.batches or batches
     prefill = args.prefill_tokens or prefill

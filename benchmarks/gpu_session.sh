@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Issue 21's GPU session in one device call: the GPU tests, the grouped-matmul benchmark, generation and the
+# serving benchmark's decode-step rows, each under its own time budget, so that the whole script ends within about
+# 8 minutes and a `run` with timeout_s 540 returns every file (and the 15 minutes of device time leave room for one
+# rerun). A step that fails or runs out of time is reported and the next one runs. What comes back, under $OUT:
+# session.log (everything printed), gmm_gpu.json, generate_gpu.json, serve_gpu.json.
+#
+#     bash benchmarks/gpu_session.sh            # from the repository root, on the GPU machine
+#
+# Preparing the call, on the CPU machine, in the repository root (/.whl/ is in .gitignore): the device image has
+# transformers 5.17; the oracle is pinned at 5.23.0 (pure Python; its other needs, huggingface-hub >= 1.31,
+# tokenizers 0.23.x and safetensors >= 0.8, are on the image), so it travels as a wheel:
+#
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#         -d .whl transformers==5.23.0
+#
+# Rehearse before spending device time: `DRY_RUN=1 PYTHON=/path/to/venv/python bash benchmarks/gpu_session.sh`
+# runs every step here on the CPU (the GPU tests skip, gmm.py refuses, generate_gpu.py and serve_gpu.py run their
+# --dry-run); without DRY_RUN it stops at once where nvidia-smi finds no GPU. Then the device call (the tool `run`,
+# not a shell command):
+#
+#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
+#
+# Settings travel as variables in the command, e.g. command="MOE_BACKEND=mosaic_gpu GENERATE_BUDGET=240 bash
+# benchmarks/gpu_session.sh" (the budgets below, MOE_BACKEND for generate_gpu.py and serve_gpu.py: auto, pallas,
+# ragged_dot, mosaic_gpu). Afterwards copy the JSON files from the reply's files_at into benchmarks/results/ and
+# call give_back unless rerunning at once.
+
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+
+# Seconds per step (timeout's budget; each step is killed 10 s after its budget if it ignores the signal).
+VERSIONS_BUDGET=${VERSIONS_BUDGET:-45}
+TEST_BUDGET=${TEST_BUDGET:-90}
+GMM_BUDGET=${GMM_BUDGET:-90}
+GENERATE_BUDGET=${GENERATE_BUDGET:-180}
+SERVE_BUDGET=${SERVE_BUDGET:-75}
+MOE_BACKEND=${MOE_BACKEND:-auto}
+DRY_RUN=${DRY_RUN:-0}  # 1: a rehearsal on a CPU machine (no nvidia-smi needed; the benchmarks' --dry-run)
+PYTHON=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d)}  # the device machine sets OUT; elsewhere a fresh temporary folder
+MODEL_DIR=/tmp/dots_gpu_model  # generate_gpu.py saves its random checkpoint here, serve_gpu.py reuses it
+
+cd "$(dirname "$0")/.." || exit 2
+SUMMARY=()
+FAILED=0
+
+step() {  # step NAME BUDGET COMMAND...: one step under its own timeout; its exit status goes to the summary
+    local name=$1 budget=$2 start=$SECONDS rc
+    shift 2
+    echo "=== $name (budget ${budget} s): $*"
+    timeout --kill-after=10 "$budget" "$@"
+    rc=$?
+    local note=""
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        note=" (out of time)"
+    fi
+    echo "=== $name: exit $rc after $((SECONDS - start)) s$note"
+    SUMMARY+=("$name: exit $rc, $((SECONDS - start)) s$note")
+    [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1))
+}
+
+main() {
+    echo "=== gpu_session.sh at $(date -u +%FT%TZ) on $(hostname); out: $OUT"
+    local dry=()
+    if [ "$DRY_RUN" = 1 ]; then
+        dry=(--dry-run)
+        echo "DRY_RUN=1: a rehearsal, nothing measured"
+    elif ! nvidia-smi; then
+        echo "error: nvidia-smi found no GPU: this script is for the device machine (see its header)"
+        return 2
+    fi
+    # The carried wheels first on the path: they replace the image's versions (transformers 5.17).
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || echo "warning: the carried wheels did not install; running on the image's packages"
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    # The package from the checkout as it is: no install (the image has no network for its dependencies' resolver).
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+    # tests/conftest.py asserts the pinned oracle unless this is set: test_gpu.py only writes tiny checkpoints with
+    # transformers, so the image's version serves where the wheel did not travel.
+    export DOTS_JAX_ANY_ORACLE=1
+
+    step versions "$VERSIONS_BUDGET" "$PYTHON" - <<'EOF'
+import importlib.metadata as metadata
+import sys
+
+print("python", sys.version.split()[0], sys.executable)
+for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "flax", "optax", "torch", "triton",
+             "transformers", "tokenizers", "huggingface-hub", "safetensors", "numpy"):
+    try:
+        print(f"{name} {metadata.version(name)}")
+    except metadata.PackageNotFoundError:
+        print(f"{name} (not installed)")
+import jax
+import torch
+import transformers
+
+print("transformers from", transformers.__file__)
+print("jax devices", jax.devices(), "| torch cuda", torch.cuda.is_available(), torch.version.cuda)
+EOF
+    step tests "$TEST_BUDGET" "$PYTHON" -m pytest -q -x tests/test_gpu.py
+    step gmm "$GMM_BUDGET" "$PYTHON" benchmarks/gmm.py --out "$OUT/gmm_gpu.json"
+    step generate "$GENERATE_BUDGET" "$PYTHON" benchmarks/generate_gpu.py --moe-backend "$MOE_BACKEND" \
+        --model-dir "$MODEL_DIR" --out "$OUT/generate_gpu.json" "${dry[@]}"
+    step serve "$SERVE_BUDGET" "$PYTHON" benchmarks/serve_gpu.py --moe-backend "$MOE_BACKEND" \
+        --model-dir "$MODEL_DIR" --out "$OUT/serve_gpu.json" "${dry[@]}"
+
+    echo "=== summary ($SECONDS s in all)"
+    printf '  %s\n' "${SUMMARY[@]}"
+    ls -la "$OUT"
+    [ "$FAILED" -eq 0 ]  # the script's exit status: 1 if any step failed
+}
+
+mkdir -p "$OUT"
+main 2>&1 | tee "$OUT/session.log"
+exit "${PIPESTATUS[0]}"
