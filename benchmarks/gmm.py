@@ -1,14 +1,19 @@
-"""GPU throughput of the grouped matmul at dots1 shapes: our Pallas kernel vs jax.lax.ragged_dot vs torch.
+"""GPU throughput of the grouped matmul at dots1 shapes: our Pallas kernels (Mosaic GPU and the deprecated Triton
+lowering) vs jax.lax.ragged_dot vs torch.
 
     python benchmarks/gmm.py                        # table + benchmarks/results/gmm_gpu.json
-    python benchmarks/gmm.py --rows 512 2048 --experts 16
+    python benchmarks/gmm.py --rows 2048 8192 --impls mosaic_gpu pallas torch
+    python benchmarks/gmm.py --tiling 128,64,256 --mosaic-steps 3 4 5   # more columns: tiles, pipeline depths
 
 For each rows-per-expert count and each direction (k=4096 -> n=1408, the gate/up projection, and back,
 k=1408 -> n=4096, the down projection) it times the forward (2mkn flops) and the forward plus the gradients
 of lhs and rhs (6mkn flops), in bf16 with equal group sizes, and reports TFLOP/s next to the GPU's measured
 bf16 matmul peak (a dense 8192^3 jnp.dot timed the same way). torch's entry is torch._grouped_mm where this
 torch has it (CUDA, sm90+), else a loop of torch.mm over the experts; torch is skipped when it has no CUDA.
-Compilation and warm-up are never timed; each cell is the median of --repeats runs.
+Compilation and warm-up are never timed; each cell is the median of --repeats runs. Our kernels also run the
+forward with an int8 rhs (mode "fwd int8": the weights quantised per column, streamed as int8). The JSON ends with
+the issue's bar for each shape at 2048 and 8192 rows per expert: the best Mosaic GPU forward+backward against 70% of
+the measured peak and against torch._grouped_mm.
 
 Needs a GPU: exits with a message otherwise (the Pallas kernel runs on CPU only in the interpreter, which
 says nothing about speed; see benchmarks/gmm_cpu.py for the CPU backends).
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
 from pallas_kernels import gmm as pallas_gmm  # noqa: E402
+from pallas_kernels import gmm_mgpu  # noqa: E402
 
 DIRECTIONS = [("gate/up", 4096, 1408), ("down", 1408, 4096)]  # (name, k, n)
 
@@ -88,6 +94,47 @@ def torch_cell(mode: str, lhs: np.ndarray, rhs: np.ndarray, sizes: np.ndarray, d
     return run, label
 
 
+IMPLS = ("mosaic_gpu", "pallas", "ragged_dot", "torch")
+DEFAULT_STEPS = gmm_mgpu.PIPELINE_STEPS
+BAR_ROWS = (2048, 8192)  # rows per expert at which issue 21 sets its bar
+
+
+def base_impls() -> dict[str, Callable]:
+    return {"mosaic_gpu": lambda a, b, gs, **kw: pallas_gmm.gmm(a, b, gs, platform="mosaic_gpu", **kw),
+            "pallas": lambda a, b, gs, **kw: pallas_gmm.gmm(a, b, gs, platform="gpu", **kw),
+            "ragged_dot": lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)}
+
+
+def torch_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.__version__
+
+
+def acceptance(records: list[dict], peak: float) -> list[dict]:
+    """Per (direction, rows per expert in BAR_ROWS): the best Mosaic GPU forward+backward (any tiling or depth
+    timed) against 70% of the peak and against torch._grouped_mm's forward+backward."""
+    bar = []
+    for direction, _, _ in DIRECTIONS:
+        for rows in BAR_ROWS:
+            cell = [r for r in records if r["direction"] == direction and r["rows_per_expert"] == rows
+                    and r["mode"] == "fwd+bwd"]
+            ours = [r for r in cell if r["impl"].startswith("mosaic_gpu")]
+            torch_rows = [r for r in cell if r["impl"] == "torch._grouped_mm"]
+            if not ours:
+                continue
+            best = max(ours, key=lambda r: r["tflops"])
+            torch_tflops = torch_rows[0]["tflops"] if torch_rows else None
+            bar.append({"direction": direction, "rows_per_expert": rows, "mosaic_impl": best["impl"],
+                        "mosaic_tflops": best["tflops"], "fraction_of_peak": best["tflops"] / peak,
+                        "torch_tflops": torch_tflops,
+                        "met": best["tflops"] >= 0.7 * peak and torch_tflops is not None
+                        and best["tflops"] >= torch_tflops})
+    return bar
+
+
 def peak_tflops(repeats: int) -> float:
     a = jnp.ones((8192, 8192), jnp.bfloat16)
     matmul = jax.jit(lambda x, y: x @ y).lower(a, a).compile()
@@ -103,7 +150,12 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16, help="experts in one call (128 / expert shards)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--tiling", action="append", default=[], metavar="TM,TK,TN",
-                        help="also time the Pallas kernel with this tiling (repeatable; default: choose_tiling's)")
+                        help="also time our kernels with this tiling (repeatable; default: their choose_tiling's)")
+    parser.add_argument("--impls", nargs="*", default=list(IMPLS), choices=list(IMPLS),
+                        help="which implementations to time")
+    parser.add_argument("--mosaic-steps", nargs="*", type=int, default=[],
+                        help=f"also time the Mosaic GPU kernels with these pipeline depths (default "
+                             f"{gmm_mgpu.PIPELINE_STEPS})")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit(f"benchmarks/gmm.py needs a GPU; JAX sees {jax.default_backend()!r}. "
@@ -113,17 +165,25 @@ def main() -> None:
     peak = peak_tflops(args.repeats)
     print(f"jax {jax.__version__} on {device.device_kind}; measured bf16 matmul peak {peak:.1f} TFLOP/s; "
           f"{args.experts} experts; median of {args.repeats} runs\n")
-    header = f"{'shape':<36} {'mode':<8} {'impl':<18} {'ms':>9} {'TFLOP/s':>9} {'% peak':>7}"
+    header = f"{'shape':<36} {'mode':<8} {'impl':<22} {'ms':>9} {'TFLOP/s':>9} {'% peak':>7}"
     print(header)
     print("-" * len(header))
     rng = np.random.default_rng(0)
     records = []
-    impls = {"pallas": lambda a, b, gs: pallas_gmm.gmm(a, b, gs),
-             "ragged_dot": lambda a, b, gs: jax.lax.ragged_dot(a, b, gs)}
+    impls = {name: fn for name, fn in base_impls().items() if name in args.impls}
     for spec in args.tiling:
         tiling = tuple(int(t) for t in spec.split(","))
-        impls[f"pallas {'x'.join(map(str, tiling))}"] = \
-            lambda a, b, gs, tiling=tiling: pallas_gmm.gmm(a, b, gs, tiling=tiling)
+        label = "x".join(map(str, tiling))
+        if "pallas" in args.impls:
+            impls[f"pallas {label}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
+                a, b, gs, tiling=tiling, platform="gpu", **kw)
+        if "mosaic_gpu" in args.impls:
+            impls[f"mosaic_gpu {label}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
+                a, b, gs, tiling=tiling, platform="mosaic_gpu", **kw)
+    steps = {f"mosaic_gpu s={n}": n for n in args.mosaic_steps if n != gmm_mgpu.PIPELINE_STEPS}
+    if "mosaic_gpu" in args.impls:
+        for name in steps:
+            impls[name] = impls["mosaic_gpu"]
     for rows in args.rows:
         for direction, k, n in DIRECTIONS:
             m, g = rows * args.experts, args.experts
@@ -134,12 +194,25 @@ def main() -> None:
             lhs, rhs = jnp.asarray(lhs_np, jnp.bfloat16), jnp.asarray(rhs_np, jnp.bfloat16)
             d_out, group_sizes = jnp.asarray(d_out_np, jnp.bfloat16), jnp.asarray(sizes)
             label = f"{direction} m={m} k={k} n={n}"
-            for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n)):
-                cells: list[tuple[str, Callable[[], object], Callable[[object], None]]] = [
-                    (name, jax_cell(fn, mode, lhs, rhs, group_sizes, d_out), jax.block_until_ready)
-                    for name, fn in impls.items()]
-                torch_run = torch_cell(mode, lhs_np, rhs_np, sizes, d_out_np)
-                if torch_run is not None:
+            q = np.clip(np.round(rhs_np / np.abs(rhs_np).max(axis=1, keepdims=True) * 127), -127, 127)
+            rhs_q = jnp.asarray(q, jnp.int8)
+            scale = jnp.asarray(np.abs(rhs_np).max(axis=1) / 127, jnp.float32)
+            for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n), ("fwd int8", 2 * m * k * n)):
+                cells: list[tuple[str, Callable[[], object], Callable[[object], None]]] = []
+                for name, fn in impls.items():
+                    if mode == "fwd int8" and not name.startswith(("pallas", "mosaic_gpu")):
+                        continue
+                    # The pipeline depth is read when the kernel is traced, inside jax_cell's compile.
+                    gmm_mgpu.PIPELINE_STEPS = steps.get(name, DEFAULT_STEPS)
+                    if mode == "fwd int8":
+                        cell = jax_cell(lambda a, b, gs, fn=fn, s=scale: fn(a, b, gs, rhs_scale=s), "fwd", lhs, rhs_q,
+                                        group_sizes, d_out)
+                    else:
+                        cell = jax_cell(fn, mode, lhs, rhs, group_sizes, d_out)
+                    cells.append((name, cell, jax.block_until_ready))
+                gmm_mgpu.PIPELINE_STEPS = DEFAULT_STEPS
+                torch_run = torch_cell(mode, lhs_np, rhs_np, sizes, d_out_np) if "torch" in args.impls else None
+                if torch_run is not None and mode != "fwd int8":
                     import torch
 
                     cells.append((torch_run[1], torch_run[0], lambda _: torch.cuda.synchronize()))
@@ -147,14 +220,21 @@ def main() -> None:
                     times = median_ms(fn, args.repeats, sync)
                     ms = statistics.median(times)
                     tflops = flops / (ms * 1e-3) / 1e12
-                    print(f"{label:<36} {mode:<8} {name:<18} {ms:>9.3f} {tflops:>9.1f} {100 * tflops / peak:>6.1f}%",
+                    print(f"{label:<36} {mode:<8} {name:<22} {ms:>9.3f} {tflops:>9.1f} {100 * tflops / peak:>6.1f}%",
                           flush=True)
                     records.append({"direction": direction, "rows_per_expert": rows, "experts": g, "m": m, "k": k,
                                     "n": n, "mode": mode, "impl": name, "median_ms": ms, "times_ms": times,
                                     "tflops": tflops, "fraction_of_peak": tflops / peak})
     meta = {"jax": jax.__version__, "device": device.device_kind, "peak_bf16_tflops": peak,
-            "machine": platform.machine(), "repeats": args.repeats, "tiling": "pallas_kernels.gmm_gpu.choose_tiling"}
-    write_results(args.out, {"meta": meta, "results": records}, indent=1)
+            "machine": platform.machine(), "repeats": args.repeats,
+            "tiling": "pallas_kernels.gmm_gpu.choose_tiling / gmm_mgpu.choose_tiling unless named",
+            "mosaic_pipeline_steps": DEFAULT_STEPS, "torch": torch_version()}
+    bar = acceptance(records, peak)
+    for row in bar:
+        print(f"bar: {row['direction']} {row['rows_per_expert']} rows/expert: best Mosaic GPU fwd+bwd "
+              f"{row['mosaic_tflops']:.1f} TFLOP/s ({row['mosaic_impl']}) = {100 * row['fraction_of_peak']:.1f}% of "
+              f"peak, torch {row['torch_tflops'] or float('nan'):.1f}: {'met' if row['met'] else 'NOT met'}")
+    write_results(args.out, {"meta": meta, "results": records, "bar": bar}, indent=1)
     print(f"\nwrote {args.out}")
 
 
