@@ -213,8 +213,9 @@ def greedy_check(ours, ref, vocab: int, device: str, rng: np.random.Generator) -
 
 
 def bench(ours, ref, cfg: transformers.Dots1Config, device: str, prefill_tokens: list[int], batches: list[int],
-          decode_tokens: int, repeats: int, rng: np.random.Generator) -> list[dict]:
-    rows = []
+          decode_tokens: int, repeats: int, rng: np.random.Generator, rows: list[dict],
+          on_row: Callable[[], object]) -> None:
+    """Appends one row per phase to `rows`, calling on_row after each."""
     for n in prefill_tokens:
         prompt = rng.integers(0, cfg.vocab_size, size=(1, n)).tolist()
         ids = torch.tensor(prompt, device=device)
@@ -227,6 +228,7 @@ def bench(ours, ref, cfg: transformers.Dots1Config, device: str, prefill_tokens:
                      "ours_tok_s": n / t_ours, "ref_tok_s": n / t_ref, "ratio": t_ref / t_ours,
                      "target": TARGETS["prefill"],
                      "attention_backend_auto": attention.default_backend(s, s + bucket_length(1))})
+        on_row()
         print(f"prefill {n}: ours {n / t_ours:,.0f} tok/s, ref {n / t_ref:,.0f} tok/s", flush=True)
 
     for batch in batches:
@@ -248,8 +250,8 @@ def bench(ours, ref, cfg: transformers.Dots1Config, device: str, prefill_tokens:
         rows.append({"phase": f"decode_b{batch}", "batch": batch, "tokens": tokens, "ours_s": t_ours,
                      "ref_s": t_ref, "ours_tok_s": tokens / t_ours, "ref_tok_s": tokens / t_ref,
                      "ratio": t_ref / t_ours, "target": TARGETS.get(f"decode_b{batch}")})
+        on_row()
         print(f"decode b{batch}: ours {tokens / t_ours:,.1f} tok/s, ref {tokens / t_ref:,.1f} tok/s", flush=True)
-    return rows
 
 
 def print_table(machine: dict, model: dict, greedy: dict, rows: list[dict]) -> None:
@@ -327,16 +329,23 @@ def main() -> int:
              "moe_backend_auto": gmm.default_backend(),
              "ref_attn_implementation": cfg._attn_implementation,
              "ref_experts_implementation": getattr(cfg, "_experts_implementation", None)}
-    greedy = greedy_check(ours, ref, cfg.vocab_size, device, rng)
-    print(f"greedy: {greedy['fraction_equal']:.2f} of the tokens equal", flush=True)
-    rows = bench(ours, ref, cfg, device, prefill, batches, decode_tokens, repeats, rng)
-    machine["loadavg_1_5_15_end"] = list(os.getloadavg())
-    machine["build_s"], machine["load_s"], machine["wall_s"] = built, loaded, time.perf_counter() - start
+    machine["build_s"], machine["load_s"] = built, loaded
     settings = {"dry_run": args.dry_run, "batches": batches, "prefill_tokens": prefill,
                 "decode_tokens": decode_tokens, "decode_prompt_tokens": DECODE_PROMPT, "repeats": repeats,
                 "timing": "median of repeats after one untimed call; decode = generate(N+1) - generate(1)"}
-    print_table(machine, model, greedy, rows)
-    payload = {"machine": machine, "settings": settings, "model": model, "greedy": greedy, "results": rows}
+    # Written after every phase, "complete" false until the end: a run stopped by its time budget on the device
+    # machine still returns what it measured.
+    payload = {"complete": False, "machine": machine, "settings": settings, "model": model, "greedy": None,
+               "results": []}
+    payload["greedy"] = greedy_check(ours, ref, cfg.vocab_size, device, rng)
+    write_results(out, payload)
+    print(f"greedy: {payload['greedy']['fraction_equal']:.2f} of the tokens equal", flush=True)
+    bench(ours, ref, cfg, device, prefill, batches, decode_tokens, repeats, rng, payload["results"],
+          lambda: write_results(out, payload))
+    machine["loadavg_1_5_15_end"] = list(os.getloadavg())
+    machine["wall_s"] = time.perf_counter() - start
+    payload["complete"] = True
+    print_table(machine, model, payload["greedy"], payload["results"])
     print(f"wrote {write_results(out, payload)}")
     return 0
 

@@ -124,9 +124,14 @@ def main() -> int:
              "moe_backend": args.moe_backend, "ref_attn_implementation": cfg._attn_implementation,
              "ref_experts_implementation": getattr(cfg, "_experts_implementation", None)}
 
+    settings = {"dry_run": args.dry_run, "batches": batches, "prompt_tokens": STEP_PROMPT, "timed_steps": STEP_TIMED,
+                "engine": f"max_batch {max(batches)}, max_seq_len {MAX_SEQ_LEN} (other options default)",
+                "floor": "bf16 step bytes (serve_cpu.step_bytes) / measured copy bandwidth"}
+    # Written after every row, "complete" false until the end (as generate_gpu.py: a run out of time keeps its rows).
+    rows: list[dict] = []
+    payload = {"complete": False, "machine": machine, "settings": settings, "model": model, "decode_step": rows}
     # No tokenizer: the rows add token ids, and nothing is decoded to text.
     engine = Engine(ours, None, max_batch=max(batches), max_seq_len=MAX_SEQ_LEN)
-    rows = []
     for batch in batches:
         t_ours = engine_step_s(engine, batch, cfg.vocab_size)
         t_ref = transformers_step_s(ref, batch, cfg.vocab_size, device)
@@ -136,11 +141,10 @@ def main() -> int:
                      "floor_tok_s": floor, "engine_fraction_of_floor": batch / t_ours / floor})
         print(f"decode step b{batch}: engine {1e3 * t_ours:.2f} ms, transformers {1e3 * t_ref:.2f} ms "
               f"({t_ref / t_ours:.2f}x)", flush=True)
+        write_results(out, payload)
     machine["loadavg_1_5_15_end"] = list(os.getloadavg())
     machine["wall_s"] = time.perf_counter() - start
-    settings = {"dry_run": args.dry_run, "batches": batches, "prompt_tokens": STEP_PROMPT, "timed_steps": STEP_TIMED,
-                "engine": f"max_batch {max(batches)}, max_seq_len {MAX_SEQ_LEN} (other options default)",
-                "floor": "bf16 step bytes (serve_cpu.step_bytes) / measured copy bandwidth"}
+    payload["complete"] = True
 
     print(f"\n{machine['device']}, driver {machine['driver']}, copy bandwidth {bandwidth / 1e9:.0f} GB/s; "
           f"{model['params_B']}B parameters ({model['active_params_B']}B active), moe_backend={args.moe_backend}")
@@ -148,7 +152,6 @@ def main() -> int:
     for r in rows:
         print(f"{r['batch']:>5} {r['engine_ms']:>10.2f} {r['transformers_ms']:>10.2f} {r['ratio']:>6.2f} "
               f"{r['engine_tok_s']:>12.1f} {r['floor_tok_s']:>11.1f}")
-    payload = {"machine": machine, "settings": settings, "model": model, "decode_step": rows}
     print(f"wrote {write_results(out, payload)}")
     return 0
 

@@ -53,7 +53,7 @@ def positive_finite(value: object) -> bool:
 
 def test_generate_gpu_dry_run(runs: dict) -> None:
     payload = dry_result(runs, "generate_dry")
-    assert {"machine", "settings", "model", "greedy", "results"} <= payload.keys()
+    assert {"machine", "settings", "model", "greedy", "results"} <= payload.keys() and payload["complete"] is True
     machine = payload["machine"]
     for key in ("device", "torch_device", "driver", "jax", "jaxlib", "torch", "transformers", "loadavg_1_5_15_start",
                 "loadavg_1_5_15_end"):
@@ -78,7 +78,7 @@ def test_generate_gpu_dry_run(runs: dict) -> None:
 
 def test_serve_gpu_dry_run(runs: dict) -> None:
     payload = dry_result(runs, "serve_dry")
-    assert {"machine", "settings", "model", "decode_step"} <= payload.keys()
+    assert {"machine", "settings", "model", "decode_step"} <= payload.keys() and payload["complete"] is True
     assert positive_finite(payload["machine"]["copy_bandwidth_GB_s"])
     rows = payload["decode_step"]
     assert [r["batch"] for r in rows] == [1, 4]
