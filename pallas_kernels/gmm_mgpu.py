@@ -55,13 +55,13 @@ _DECODE_ROWS_PER_GROUP = 128
 
 def choose_tiling(m: int, k: int, n: int, num_groups: int = 1) -> Tiling:
     """(tm, tk, tn) for gmm: 64-wide k steps (a 128-byte bf16 row, the widest TMA swizzle) and 128 x 128 output tiles
-    (an f32 accumulator of 128 registers per thread of the warpgroup). Decode-sized groups get 64 x 64 tiles: the
-    smallest wgmma row block wastes less on rows that are not there, and twice the column tiles spread the weights,
-    which are then the cost, over more SMs."""
+    (an f32 accumulator of 128 registers per thread of the warpgroup); decode-sized groups get 64-row tiles, the
+    smallest wgmma row block, which wastes less on rows that are not there. (64-wide column tiles would spread a
+    decode step's weights over more SMs, but an int8 tile of 64 bytes a row finds no shared-memory layout for its
+    conversion: the lowering refuses it.)"""
     del k, n
-    if m < _DECODE_ROWS_PER_GROUP * max(num_groups, 1):
-        return 64, 64, 64
-    return 128, 64, 128
+    tm = 64 if m < _DECODE_ROWS_PER_GROUP * max(num_groups, 1) else 128
+    return tm, 64, 128
 
 
 def _check_tiling(tiling: Tiling) -> None:
