@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 21's GPU session in one device call: the GPU tests, the grouped-matmul benchmark, generation and the
 # serving benchmark's decode-step rows, each under its own time budget, so that the whole script ends within about
-# 8 minutes and a `run` with timeout_s 540 returns every file (and the 15 minutes of device time leave room for one
-# rerun). A step that fails or runs out of time is reported and the next one runs. What comes back, under $OUT:
-# session.log (everything printed), gmm_gpu.json, generate_gpu.json, serve_gpu.json.
+# 8.5 minutes and a `run` with timeout_s 560 returns every file (and the 15 minutes of device time leave room to
+# rerun what failed). A step that fails or runs out of time is reported and the next one runs. What comes back, under $OUT:
+# session.log (everything printed), gmm_gpu.json, generate_gpu.json (our default MoE backend),
+# generate_gpu_mosaic.json (ours on the Mosaic GPU kernels), serve_gpu.json.
 #
 #     bash benchmarks/gpu_session.sh            # from the repository root, on the GPU machine
 #
@@ -20,7 +21,7 @@
 # --dry-run); without DRY_RUN it stops at once where nvidia-smi finds no GPU. Then the device call (the tool `run`,
 # not a shell command):
 #
-#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
+#     run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=560)
 #
 # Settings travel as variables in the command, e.g. command="MOE_BACKEND=mosaic_gpu GENERATE_BUDGET=240 bash
 # benchmarks/gpu_session.sh" (the budgets below, MOE_BACKEND for generate_gpu.py and serve_gpu.py: auto, pallas,
@@ -30,17 +31,42 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
-# Seconds per step (timeout's budget; each step is killed 10 s after its budget if it ignores the signal).
-VERSIONS_BUDGET=${VERSIONS_BUDGET:-45}
-TEST_BUDGET=${TEST_BUDGET:-90}
-GMM_BUDGET=${GMM_BUDGET:-90}
-GENERATE_BUDGET=${GENERATE_BUDGET:-180}
-SERVE_BUDGET=${SERVE_BUDGET:-75}
+# Seconds per step (timeout's budget; each step is killed 10 s after its budget if it ignores the signal). About
+# 8.5 minutes in all: with the machine's start, a 15-minute lease leaves room to rerun the steps that failed
+# (STEPS="gmm generate_mosaic" bash benchmarks/gpu_session.sh).
+VERSIONS_BUDGET=${VERSIONS_BUDGET:-20}
+KERNEL_TEST_BUDGET=${KERNEL_TEST_BUDGET:-60}
+GMM_BUDGET=${GMM_BUDGET:-100}
+GENERATE_BUDGET=${GENERATE_BUDGET:-150}
+GENERATE_MOSAIC_BUDGET=${GENERATE_MOSAIC_BUDGET:-90}
+SERVE_BUDGET=${SERVE_BUDGET:-40}
+MODEL_TEST_BUDGET=${MODEL_TEST_BUDGET:-45}
+# Which steps run, in this order (the kernels' acceptance tests and benchmark first: they are issue 21's core).
+STEPS=${STEPS:-"versions kernel_tests gmm generate generate_mosaic serve model_tests"}
 MOE_BACKEND=${MOE_BACKEND:-auto}
 DRY_RUN=${DRY_RUN:-0}  # 1: a rehearsal on a CPU machine (no nvidia-smi needed; the benchmarks' --dry-run)
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}  # the device machine sets OUT; elsewhere a fresh temporary folder
 MODEL_DIR=/tmp/dots_gpu_model  # generate_gpu.py saves its random checkpoint here, serve_gpu.py reuses it
+
+VERSIONS_PY='
+import importlib.metadata as metadata
+import sys
+
+print("python", sys.version.split()[0], sys.executable)
+for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "flax", "optax", "torch", "triton",
+             "transformers", "tokenizers", "huggingface-hub", "safetensors", "numpy"):
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, "(not installed)")
+import jax
+import torch
+import transformers
+
+print("transformers from", transformers.__file__)
+print("jax devices", jax.devices(), "| torch cuda", torch.cuda.is_available(), torch.version.cuda)
+'
 
 cd "$(dirname "$0")/.." || exit 2
 SUMMARY=()
@@ -63,9 +89,10 @@ step() {  # step NAME BUDGET COMMAND...: one step under its own timeout; its exi
 
 main() {
     echo "=== gpu_session.sh at $(date -u +%FT%TZ) on $(hostname); out: $OUT"
-    local dry=()
+    local dry=() mosaic_lengths=(--batches 1,64 --prefill-tokens 2048 --repeats 3)
     if [ "$DRY_RUN" = 1 ]; then
         dry=(--dry-run)
+        mosaic_lengths=()  # the dry run's own tiny lengths (the Mosaic kernels are interpreted there)
         echo "DRY_RUN=1: a rehearsal, nothing measured"
     elif ! nvidia-smi; then
         echo "error: nvidia-smi found no GPU: this script is for the device machine (see its header)"
@@ -83,31 +110,28 @@ main() {
     # transformers, so the image's version serves where the wheel did not travel.
     export DOTS_JAX_ANY_ORACLE=1
 
-    step versions "$VERSIONS_BUDGET" "$PYTHON" - <<'EOF'
-import importlib.metadata as metadata
-import sys
-
-print("python", sys.version.split()[0], sys.executable)
-for name in ("jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda13-pjrt", "flax", "optax", "torch", "triton",
-             "transformers", "tokenizers", "huggingface-hub", "safetensors", "numpy"):
-    try:
-        print(f"{name} {metadata.version(name)}")
-    except metadata.PackageNotFoundError:
-        print(f"{name} (not installed)")
-import jax
-import torch
-import transformers
-
-print("transformers from", transformers.__file__)
-print("jax devices", jax.devices(), "| torch cuda", torch.cuda.is_available(), torch.version.cuda)
-EOF
-    step tests "$TEST_BUDGET" "$PYTHON" -m pytest -q -x tests/test_gpu.py
-    step gmm "$GMM_BUDGET" "$PYTHON" benchmarks/gmm.py --out "$OUT/gmm_gpu.json"
-    step generate "$GENERATE_BUDGET" "$PYTHON" benchmarks/generate_gpu.py --moe-backend "$MOE_BACKEND" \
-        --model-dir "$MODEL_DIR" --out "$OUT/generate_gpu.json" "${dry[@]}"
-    step serve "$SERVE_BUDGET" "$PYTHON" benchmarks/serve_gpu.py --moe-backend "$MOE_BACKEND" \
-        --model-dir "$MODEL_DIR" --out "$OUT/serve_gpu.json" "${dry[@]}"
-
+    for name in $STEPS; do
+        case $name in
+            versions) step versions "$VERSIONS_BUDGET" "$PYTHON" -c "$VERSIONS_PY" ;;
+            # The kernels against the float64 oracle (Triton and Mosaic GPU), then the model's logits on both.
+            kernel_tests) step kernel_tests "$KERNEL_TEST_BUDGET" "$PYTHON" -m pytest -q tests/test_gpu.py \
+                -k "not model_logits" ;;
+            model_tests) step model_tests "$MODEL_TEST_BUDGET" "$PYTHON" -m pytest -q tests/test_gpu.py \
+                -k "model_logits" ;;
+            gmm) step gmm "$GMM_BUDGET" "$PYTHON" benchmarks/gmm.py --rows 2048 8192 --repeats 5 \
+                --impls mosaic_gpu pallas torch --out "$OUT/gmm_gpu.json" ;;
+            generate) step generate "$GENERATE_BUDGET" "$PYTHON" benchmarks/generate_gpu.py \
+                --moe-backend "$MOE_BACKEND" --model-dir "$MODEL_DIR" --out "$OUT/generate_gpu.json" "${dry[@]}" ;;
+            # Ours on the Mosaic GPU kernels, against the same reference (measured again, a shorter list).
+            generate_mosaic) step generate_mosaic "$GENERATE_MOSAIC_BUDGET" "$PYTHON" benchmarks/generate_gpu.py \
+                --moe-backend mosaic_gpu "${mosaic_lengths[@]}" --model-dir "$MODEL_DIR" \
+                --out "$OUT/generate_gpu_mosaic.json" "${dry[@]}" ;;
+            serve) step serve "$SERVE_BUDGET" "$PYTHON" benchmarks/serve_gpu.py --moe-backend "$MOE_BACKEND" \
+                --model-dir "$MODEL_DIR" --out "$OUT/serve_gpu.json" "${dry[@]}" ;;
+            *) echo "error: unknown step $name in STEPS (known: versions kernel_tests gmm generate generate_mosaic" \
+                   "serve model_tests)"; return 2 ;;
+        esac
+    done
     echo "=== summary ($SECONDS s in all)"
     printf '  %s\n' "${SUMMARY[@]}"
     ls -la "$OUT"
