@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.gmm import make_visits
+from pallas_kernels.visits import make_visits
 
 __all__ = ["choose_tiling", "gmm_mgpu", "tgmm_mgpu"]
 
