@@ -430,20 +430,27 @@ def engine_step_s(engine: Engine, batch: int, vocab: int) -> float:
     return elapsed
 
 
-def transformers_step_s(hf: transformers.Dots1ForCausalLM, batch: int, vocab: int) -> float:
-    """Seconds per forward of one new token per row with the KV cache, at the same batch and context."""
+def transformers_step_s(hf: transformers.Dots1ForCausalLM, batch: int, vocab: int, device: str = "cpu") -> float:
+    """Seconds per forward of one new token per row with the KV cache, at the same batch and context; on a GPU
+    (device "cuda", serve_gpu.py) drained before the clock starts and before it stops."""
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     rng = np.random.default_rng(batch)
-    ids = torch.tensor(rng.integers(1, vocab, size=(batch, STEP_PROMPT)))
+    ids = torch.tensor(rng.integers(1, vocab, size=(batch, STEP_PROMPT)), device=device)
     with torch.no_grad():
         out = hf(ids, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(2):
             out = hf(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
         start = time.perf_counter()
         for _ in range(STEP_TIMED):
             out = hf(token, past_key_values=cache, use_cache=True)
             cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync()
         return (time.perf_counter() - start) / STEP_TIMED
 
 

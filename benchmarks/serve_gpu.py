@@ -31,12 +31,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu" if "--dry-run" in sys.argv[1:] else
 
 import generate_gpu  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import transformers  # noqa: E402
 from generate_cpu import copy_bandwidth  # noqa: E402
 from results_io import write_results  # noqa: E402
-from serve_cpu import STEP_PROMPT, STEP_TIMED, engine_step_s, step_bytes  # noqa: E402
+from serve_cpu import STEP_PROMPT, STEP_TIMED, engine_step_s, step_bytes, transformers_step_s  # noqa: E402
 
 import dots_jax  # noqa: E402
 from dots_jax.inference.engine import Engine  # noqa: E402
@@ -59,30 +57,6 @@ def gpu_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / best
-
-
-def transformers_step_s(hf: transformers.Dots1ForCausalLM, batch: int, vocab: int, device: str) -> float:
-    """serve_cpu's transformers_step_s on `device`: seconds per forward of one new token per row with the KV cache,
-    the GPU drained before the clock starts and before it stops."""
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    rng = np.random.default_rng(batch)
-    ids = torch.tensor(rng.integers(1, vocab, size=(batch, STEP_PROMPT)), device=device)
-    with torch.no_grad():
-        out = hf(ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        for _ in range(2):
-            out = hf(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync()
-        start = time.perf_counter()
-        for _ in range(STEP_TIMED):
-            out = hf(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        sync()
-        return (time.perf_counter() - start) / STEP_TIMED
 
 
 def main() -> int:

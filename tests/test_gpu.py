@@ -43,6 +43,20 @@ def native_gpu(lhs, rhs, group_sizes, **kwargs):
     return pallas_gmm.gmm(lhs, rhs, group_sizes, platform="gpu", **kwargs)
 
 
+def native_mosaic(lhs, rhs, group_sizes, **kwargs):
+    kwargs["interpret"] = False
+    return pallas_gmm.gmm(lhs, rhs, group_sizes, platform="mosaic_gpu", **kwargs)
+
+
+needs_hopper = pytest.mark.skipif(
+    jax.default_backend() != "gpu" or float(getattr(jax.devices()[0], "compute_capability", "0")) < 9.0,
+    reason="the Mosaic GPU kernels need wgmma (compute capability 9.0, Hopper, or later)")
+
+
+# The kernel families, natively: Triton (pallas_kernels/gmm_gpu.py) and Mosaic GPU (gmm_mgpu.py).
+KERNELS = [pytest.param(native_gpu, id="triton"), pytest.param(native_mosaic, id="mosaic_gpu", marks=needs_hopper)]
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_native_kernel_matches_oracle(case: str) -> None:
     group_sizes, m, offset, num_local = CASES[case]
@@ -55,31 +69,40 @@ def test_native_kernel_bf16(seed: int) -> None:
           kernel=native_gpu)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("direction", [(512, 256), (256, 512)])
-def test_native_kernel_default_tiling_large(direction: tuple[int, int]) -> None:
-    # The tiling choose_tiling picks (64 x 64 x 128 tiles), many tiles per group, uneven groups with empties.
+def test_native_kernel_default_tiling_large(direction: tuple[int, int], kernel) -> None:
+    # The tiling choose_tiling picks, many tiles per group, uneven groups with empties.
     k, n = direction
     rng = np.random.default_rng(7)
     sizes = (rng.integers(0, 300, size=8) * (rng.random(8) > 0.25)).tolist()
-    check(sizes, sum(sizes) + 13, k, n, tiling=None, dtype=ml_dtypes.bfloat16, seed=4, kernel=native_gpu)
+    check(sizes, sum(sizes) + 13, k, n, tiling=None, dtype=ml_dtypes.bfloat16, seed=4, kernel=kernel)
 
 
-def test_native_kernel_f32_is_exact() -> None:
-    # f32 operands must not silently drop to TF32 (a 1e-3 relative error): held to the f32 bound.
-    check([100, 0, 156], 260, 128, 128, tiling=None, seed=5, kernel=native_gpu)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_kernel_f32_is_exact(kernel) -> None:
+    # f32 operands must not silently drop to TF32 (a 1e-3 relative error): held to the f32 bound (Triton runs
+    # full-precision dots, Mosaic GPU six bf16 passes).
+    check([100, 0, 156], 260, 128, 128, tiling=None, seed=5, kernel=kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_native_kernel_int8_rhs(kernel) -> None:
+    # An expert-parallel shard (groups 1..2 of 4) with int8 weights: out and d_lhs against the float64 product with
+    # the dequantised weight.
+    lhs, q, scale, rhs64, gs, d_out = gmm_inputs(k=256, n=128)
+    shard64 = rhs64.copy()
+    shard64[[0, 3]] = 0.0
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        rows = lhs.astype(dtype)
+        out, d_lhs = run_gmm(lambda a, b, g, s: kernel(a, b[1:3], g, group_offset=1, rhs_scale=s[1:3]),
+                             rows, q, scale, gs, d_out)
+        rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
+        assert_close(out, oracle_forward(rows, shard64, gs), rtol, f"{np.dtype(dtype).name} out")
+        assert_close(d_lhs, oracle_grads(rows, shard64, gs, d_out)[0], rtol, f"{np.dtype(dtype).name} d_lhs")
 
 
 # ------------------------------------------------------------------------------------------------ Mosaic GPU
-
-
-def native_mosaic(lhs, rhs, group_sizes, **kwargs):
-    kwargs["interpret"] = False
-    return pallas_gmm.gmm(lhs, rhs, group_sizes, platform="mosaic_gpu", **kwargs)
-
-
-needs_hopper = pytest.mark.skipif(
-    jax.default_backend() != "gpu" or float(getattr(jax.devices()[0], "compute_capability", "0")) < 9.0,
-    reason="the Mosaic GPU kernels need wgmma (compute capability 9.0, Hopper, or later)")
 
 
 @needs_hopper
@@ -88,35 +111,6 @@ def test_mosaic_native_matches_oracle(case: str) -> None:
     group_sizes, m, offset, num_local = CASES[case]
     check(group_sizes, m, 32, 32, tiling=None, offset=offset, num_local=num_local, dtype=ml_dtypes.bfloat16,
           kernel=native_mosaic)
-
-
-@needs_hopper
-@pytest.mark.parametrize("direction", [(512, 256), (256, 512)])
-def test_mosaic_native_default_tiling_large(direction: tuple[int, int]) -> None:
-    k, n = direction
-    rng = np.random.default_rng(7)
-    sizes = (rng.integers(0, 300, size=8) * (rng.random(8) > 0.25)).tolist()
-    check(sizes, sum(sizes) + 13, k, n, tiling=None, dtype=ml_dtypes.bfloat16, seed=4, kernel=native_mosaic)
-
-
-@needs_hopper
-def test_mosaic_native_f32_is_exact() -> None:
-    # f32 runs as six bf16 passes, never as TF32 (a 1e-3 relative error): held to the f32 bound.
-    check([100, 0, 156], 260, 128, 128, tiling=None, seed=5, kernel=native_mosaic)
-
-
-@needs_hopper
-def test_mosaic_native_int8_rhs() -> None:
-    lhs, q, scale, rhs64, gs, d_out = gmm_inputs(k=256, n=128)
-    shard64 = rhs64.copy()
-    shard64[[0, 3]] = 0.0
-    for dtype in (np.float32, ml_dtypes.bfloat16):
-        rows = lhs.astype(dtype)
-        out, d_lhs = run_gmm(lambda a, b, g, s: native_mosaic(a, b[1:3], g, group_offset=1, rhs_scale=s[1:3]),
-                             rows, q, scale, gs, d_out)
-        rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
-        assert_close(out, oracle_forward(rows, shard64, gs), rtol, f"{np.dtype(dtype).name} out")
-        assert_close(d_lhs, oracle_grads(rows, shard64, gs, d_out)[0], rtol, f"{np.dtype(dtype).name} d_lhs")
 
 
 # ------------------------------------------------------------------------------------------------ the model

@@ -234,19 +234,20 @@ def test_gmm_with_int8_rhs_matches_the_dequantised_reference(backend: str, routi
 
 
 def test_pallas_kernels_with_int8_rhs_and_a_group_offset() -> None:
-    """The TPU and GPU kernels (interpreted) on an expert-parallel shard, groups 1..2 of 4, int8 with their scales,
-    f32 and bf16 rows."""
+    """The TPU, Triton GPU and Mosaic GPU kernels (interpreted) on an expert-parallel shard, groups 1..2 of 4, int8
+    with their scales, f32 and bf16 rows."""
     lhs, q, scale, rhs64, gs, d_out = gmm_inputs()
     shard64 = rhs64.copy()
     shard64[[0, 3]] = 0.0  # rows of groups this shard does not own get zeros
-    for platform, dtype in (("tpu", np.float32), ("gpu", ml_dtypes.bfloat16)):
+    for platform, dtype in (("tpu", np.float32), ("gpu", ml_dtypes.bfloat16), ("mosaic_gpu", np.float32),
+                            ("mosaic_gpu", ml_dtypes.bfloat16)):
         rows = lhs.astype(dtype)
         out, d_lhs = run_gmm(lambda a, b, g, s, p=platform: pallas_gmm.gmm(
             a, b[1:3], g, group_offset=1, rhs_scale=s[1:3], interpret=True, platform=p), rows, q, scale, gs, d_out)
         assert out.dtype == dtype and d_lhs.dtype == dtype
         rtol = F32_RTOL if dtype == np.float32 else BF16_RTOL
-        assert_close(out, oracle_forward(rows, shard64, gs), rtol, f"{platform} out")
-        assert_close(d_lhs, oracle_grads(rows, shard64, gs, d_out)[0], rtol, f"{platform} d_lhs")
+        assert_close(out, oracle_forward(rows, shard64, gs), rtol, f"{platform} {np.dtype(dtype).name} out")
+        assert_close(d_lhs, oracle_grads(rows, shard64, gs, d_out)[0], rtol, f"{platform} {np.dtype(dtype).name} d_lhs")
 
 
 def test_gmm_int8_arguments_are_checked_and_the_scale_is_a_constant() -> None:
