@@ -288,9 +288,12 @@ def _kernels(platform: str):
     return gmm_tpu, tgmm_tpu
 
 
-def _swap(tiling: Tiling | None) -> Tiling | None:
-    """d_lhs = d_out @ rhs^T contracts over n and produces k: the forward's tn becomes its tk and back."""
-    return None if tiling is None else (tiling[0], tiling[2], tiling[1])
+def _swap(tiling: Tiling | None, platform: str) -> Tiling | None:
+    """d_lhs = d_out @ rhs^T contracts over n and produces k: the forward's tn becomes its tk and back. The Mosaic GPU
+    kernels keep theirs: tk is the pipeline's contraction step there (64, whatever the shape), tn the output tile."""
+    if tiling is None or platform == "mosaic_gpu":
+        return tiling
+    return tiling[0], tiling[2], tiling[1]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -313,8 +316,8 @@ def _gmm_bwd(static: _Static, residuals: tuple[jax.Array, ...], d_out: jax.Array
     # The kernels take one input dtype; the cotangent arrives in the output dtype.
     d_out = d_out.astype(lhs.dtype)
     # Rows outside our groups did not touch rhs: the gap visits give them a zero d_lhs, as they should.
-    d_lhs = gmm_kernel(d_out, rhs, group_sizes, group_offset, tiling=_swap(static.tiling), out_dtype=lhs.dtype,
-                       transpose_rhs=True, interpret=static.interpret)
+    d_lhs = gmm_kernel(d_out, rhs, group_sizes, group_offset, tiling=_swap(static.tiling, static.platform),
+                       out_dtype=lhs.dtype, transpose_rhs=True, interpret=static.interpret)
     if jnp.issubdtype(rhs.dtype, jnp.integer):  # an int8 rhs has no gradient
         return d_lhs, None, None, None
     d_rhs = tgmm_kernel(lhs, d_out, group_sizes, group_offset, num_local=rhs.shape[0], tiling=static.tiling,

@@ -9,7 +9,9 @@ in a multi-buffered pipeline (plgpu.emit_pipeline) into an f32 wgmma accumulator
         computed once in plain JAX with the rows [lo, hi) each must store: a tile straddling a group boundary is
         visited once per group. An item multiplies its row tile by its group's weights over all of k and stores only
         rows [lo, hi), with a ladder of power-of-two TMA stores (a TMA box has a static shape). Rows of no group of
-        ours are never stored by the kernel: the wrapper selects zeros for them.
+        ours are never stored by the kernel: the wrapper selects zeros for them. With 256-wide column tiles
+        (tiling (tm, 64, 256)) the warp-specialized variant runs: two compute warpgroups share each lhs tile, each
+        accumulating 128 of the columns, while a third only issues the TMA copies.
   tgmm: a work item is one (local group, k tile, n tile) of d_rhs: it runs its group's row blocks as the contraction,
         zeroing, in shared memory, the rows of a block that belong to neighbouring groups (first and last block only),
         and stores its whole tile (zeros for an empty group).
@@ -48,6 +50,14 @@ HOPPER_SMS = 132
 INTERPRET_SMS = 2
 # Operand buffers in flight per pipeline (TMA loads run this many steps ahead of the tensor cores).
 PIPELINE_STEPS = 4
+# The widest column tile one warpgroup accumulates (128 f32 registers a thread); a tiling with twice this many
+# columns runs _gmm_ws_body: two compute warpgroups and one that issues the copies.
+WG_COLUMNS = 128
+# The warp-specialized kernel's pipeline depth and output chunk, within the 227 KiB of shared memory an H100 / H200
+# block may use: three stages of a 128 x 64 lhs tile and a 64 x 256 rhs tile in bf16 (144 KiB), the converted int8
+# tiles (32 KiB) and two 64-row output chunks in f32 (64 KiB).
+WS_PIPELINE_STEPS = 3
+STORE_ROWS = 64
 # Groups averaging fewer rows than this run 64-row tiles (the smallest wgmma): at decode a 128-row tile is mostly
 # padding, and the cost is reading the weights.
 _DECODE_ROWS_PER_GROUP = 128
@@ -212,20 +222,112 @@ def _gmm_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gmem,
             def _store(o_smem) -> None:
                 o_smem[...] = acc.astype(o_smem.dtype)
                 plgpu.commit_smem()
-                # Rows [lo, hi) of the tile, as a sum of power-of-two boxes: a TMA store has a static shape, the
-                # row count is only known at run time.
-                count = hi - lo
-                offset = lo - tile * tm
-                size = tm
-                while size >= 1:
-                    @pl.when((count & size) != 0)
-                    def _copy(offset=offset, size=size) -> None:
-                        plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(offset, size)],
-                                                out_gmem.at[pl.ds(tile * tm + offset, size), pl.ds(col * tn, tn)])
-
-                    offset = offset + (count & size)
-                    size //= 2
+                _store_rows(o_smem, out_gmem, lo, hi, tile * tm, pl.ds(col * tn, tn))
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _gmm_ws_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gmem, *, tm: int, tk: int, tn: int,
+                 num_visits: int, transpose_rhs: bool, interpret: bool) -> None:
+    """_gmm_body with a column tile of tn = 2 x WG_COLUMNS split between two compute warpgroups, which share each lhs
+    tile (half the lhs traffic of two 128-wide items), while a third warpgroup only issues the TMA copies ahead of
+    them (warp specialization)."""
+    k = lhs_gmem.shape[1]
+    grid_n = out_gmem.shape[1] // tn
+    dtype = lhs_gmem.dtype
+    convert = rhs_gmem.dtype != dtype
+    half = tn // 2
+    rhs_block = (tn, tk) if transpose_rhs else (tk, tn)
+    half_block = (half, tk) if transpose_rhs else (tk, half)
+
+    def pipeline(body, context):
+        return plgpu.emit_pipeline_warp_specialized(
+            body,
+            grid=(k // tk,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((tm, tk), lambda kk: (0, kk), memory_space=plgpu.SMEM),
+                plgpu.BlockSpec(rhs_block, (lambda kk: (0, kk)) if transpose_rhs else (lambda kk: (kk, 0)),
+                                memory_space=plgpu.SMEM),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=WS_PIPELINE_STEPS,
+            compute_context=context,
+        )
+
+    chunk = min(tm, STORE_ROWS)
+    scratch = {"out_smem": plgpu.SMEM((2, chunk, half), out_gmem.dtype)}
+    if convert:
+        scratch["converted"] = plgpu.SMEM((2, *half_block), dtype)
+    if transpose_rhs and interpret:
+        scratch["transposed"] = plgpu.SMEM((2, tk, half), dtype)
+    # Allocation shapes depend only on the block specs, not on the bodies.
+    allocations = pipeline(lambda *_: None, lambda *_: None).get_allocations(lhs_gmem, rhs_gmem.at[0])
+
+    @functools.partial(pl.run_scoped, allocations=allocations, **scratch, collective_axes="wg")
+    def _scope(allocations, out_smem, converted=None, transposed=None) -> None:
+        wg = jax.lax.axis_index("wg")
+
+        @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+        def _work(loop_info: plgpu.NDLoopInfo) -> None:
+            item = loop_info.index[0]
+            visit, col = jax.lax.div(item, grid_n), jax.lax.rem(item, grid_n)
+            lo, hi = lo_ref[visit], hi_ref[visit]
+
+            @pl.when(hi > lo)
+            def _visit() -> None:
+                tile, group = tile_ref[visit], group_ref[visit]
+
+                def context(run_pipeline) -> None:
+                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, half)))
+                    def _accumulate(acc_ref) -> None:
+                        run_pipeline(acc_ref)
+                        acc = acc_ref[...]
+                        # In chunks of STORE_ROWS rows: an output buffer of the whole tile does not fit beside the
+                        # pipeline's.
+                        for part in range(tm // chunk):
+                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores have read the buffer
+                            out_smem[wg] = acc[part * chunk:(part + 1) * chunk].astype(out_smem.dtype)
+                            plgpu.commit_smem()
+                            _store_rows(out_smem.at[wg], out_gmem, lo, hi, tile * tm + part * chunk,
+                                        pl.ds(col * tn + wg * half, half))
+
+                def step(_, x_smem, w_smem, acc_ref):
+                    w_smem = w_smem.at[pl.ds(wg * half, half)] if transpose_rhs else w_smem.at[:, pl.ds(wg * half,
+                                                                                                        half)]
+                    if convert:
+                        converted.at[wg][...] = w_smem[...].astype(dtype)
+                        plgpu.commit_smem()
+                        w_smem = converted.at[wg]
+                    if transpose_rhs:
+                        w_smem = _transposed(w_smem, transposed.at[wg] if interpret else None, interpret)
+                    plgpu.wgmma(acc_ref, x_smem, w_smem)
+                    plgpu.wgmma_wait(0)  # the stage is released to the memory warpgroup when the step returns
+                    return acc_ref
+
+                rhs = rhs_gmem.at[group]
+                rhs = rhs.at[pl.ds(col * tn, tn), :] if transpose_rhs else rhs.at[:, pl.ds(col * tn, tn)]
+                pipeline(step, context)(lhs_gmem.at[pl.ds(tile * tm, tm), :], rhs, allocations=allocations)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def _store_rows(o_smem, out_gmem, lo: jax.Array, hi: jax.Array, row0: jax.Array, cols) -> None:
+    """The rows of [lo, hi) among the o_smem.shape[0] rows that start at out_gmem row row0, stored to out_gmem's
+    columns `cols` as a sum of power-of-two boxes: a TMA store has a static shape, the row count is only known at run
+    time."""
+    rows = o_smem.shape[0]
+    first = jnp.clip(lo, row0, row0 + rows)
+    count = jnp.clip(hi, row0, row0 + rows) - first
+    offset = first - row0
+    size = rows
+    while size >= 1:
+        @pl.when((count & size) != 0)
+        def _copy(offset=offset, size=size) -> None:
+            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(offset, size)], out_gmem.at[pl.ds(row0 + offset, size), cols])
+
+        offset = offset + (count & size)
+        size //= 2
 
 
 def _gmm_call(lhs: jax.Array, rhs: jax.Array, visits: tuple[jax.Array, ...], *, tiling: Tiling, out_dtype: Any,
@@ -233,11 +335,13 @@ def _gmm_call(lhs: jax.Array, rhs: jax.Array, visits: tuple[jax.Array, ...], *, 
     tm, tk, tn = tiling
     m_pad = lhs.shape[0]
     n_pad = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    body = functools.partial(_gmm_body, tm=tm, tk=tk, tn=tn, num_visits=visits[0].shape[0],
-                             transpose_rhs=transpose_rhs, interpret=bool(interpret))
+    specialized = tn == 2 * WG_COLUMNS
+    body = functools.partial(_gmm_ws_body if specialized else _gmm_body, tm=tm, tk=tk, tn=tn,
+                             num_visits=visits[0].shape[0], transpose_rhs=transpose_rhs, interpret=bool(interpret))
+    threads = {"num_threads": 3, "thread_name": "wg"} if specialized else {}
     kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
                           grid=(_num_sms(interpret),), grid_names=("sm",), compiler_params=_compiler_params(),
-                          interpret=_interpret_params(interpret))
+                          interpret=_interpret_params(interpret), **threads)
     return kernel(*visits, lhs, rhs)
 
 

@@ -11,6 +11,8 @@ forgets to store fails the finiteness check of assert_close.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -55,6 +57,12 @@ def test_kernel_many_tiles() -> None:
           kernel=mosaic)
 
 
+def test_warp_specialized_kernel() -> None:
+    # A 256-wide column tile runs _gmm_ws_body (two compute warpgroups, one issuing the copies, the output stored in
+    # 64-row chunks): forward and d_lhs there, tgmm for d_rhs.
+    check([30, 0, 70, 9], 120, 128, 256, tiling=(128, 64, 256), dtype=ml_dtypes.bfloat16, seed=3, kernel=mosaic)
+
+
 def test_moe_backend_is_registered() -> None:
     lhs, q, scale, rhs64, gs, _ = gmm_inputs()
     rows = jnp.asarray(lhs, jnp.bfloat16)
@@ -90,39 +98,42 @@ def lower_for_cuda(fn, *shapes: jax.ShapeDtypeStruct) -> str:
     return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def forward_and_grads(lhs, rhs, gs):
+def forward_and_grads(lhs, rhs, gs, tiling=None):
     def loss(a, b):
-        return jnp.vdot(mosaic(a, b, gs).astype(jnp.float32), jnp.ones((lhs.shape[0], rhs.shape[2])))
+        return jnp.vdot(mosaic(a, b, gs, tiling=tiling).astype(jnp.float32), jnp.ones((lhs.shape[0], rhs.shape[2])))
 
-    return mosaic(lhs, rhs, gs), jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+    return mosaic(lhs, rhs, gs, tiling=tiling), jax.grad(loss, argnums=(0, 1))(lhs, rhs)
 
 
-def int8_forward_and_grad(lhs, q, scale, gs):
+def int8_forward_and_grad(lhs, q, scale, gs, tiling=None):
     def loss(a):
-        return mosaic(a, q, gs, rhs_scale=scale).astype(jnp.float32).sum()
+        return mosaic(a, q, gs, rhs_scale=scale, tiling=tiling).astype(jnp.float32).sum()
 
-    return mosaic(lhs, q, gs, rhs_scale=scale), jax.grad(loss)(lhs)
+    return mosaic(lhs, q, gs, rhs_scale=scale, tiling=tiling), jax.grad(loss)(lhs)
 
 
 @pytest.mark.parametrize(("k", "n"), [(4096, 1408), (1408, 4096)], ids=["gate_up", "down"])
-@pytest.mark.parametrize(("rows", "dtype"), [(8192 * 16, jnp.bfloat16), (6, jnp.bfloat16), (512, jnp.float32)],
-                         ids=["prefill-bf16", "decode-bf16", "f32"])
-def test_kernels_lower_for_hopper_at_dots1_shapes(k: int, n: int, rows: int, dtype) -> None:
+@pytest.mark.parametrize(("rows", "dtype", "tiling"),
+                         [(8192 * 16, jnp.bfloat16, None), (6, jnp.bfloat16, None), (512, jnp.float32, None),
+                          (8192 * 16, jnp.bfloat16, (128, 64, 256))],
+                         ids=["prefill-bf16", "decode-bf16", "f32", "prefill-bf16-warp-specialized"])
+def test_kernels_lower_for_hopper_at_dots1_shapes(k: int, n: int, rows: int, dtype, tiling) -> None:
     """gmm, its transposed use for d_lhs and tgmm for d_rhs, at 16 experts a shard (prefill) or all 128 (decode)."""
     g = 16 if rows > 128 else 128
     shapes = (jax.ShapeDtypeStruct((rows, k), dtype), jax.ShapeDtypeStruct((g, k, n), dtype),
               jax.ShapeDtypeStruct((g,), jnp.int32))
-    text = lower_for_cuda(forward_and_grads, *shapes)
+    text = lower_for_cuda(functools.partial(forward_and_grads, tiling=tiling), *shapes)
     # Three kernels (forward, d_lhs, d_rhs), each once per pass (six for f32).
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 3 * (6 if dtype == jnp.float32 else 1)
 
 
-@pytest.mark.parametrize("rows", [8192 * 16, 6], ids=["prefill", "decode"])
-def test_int8_kernel_lowers_for_hopper(rows: int) -> None:
+@pytest.mark.parametrize(("rows", "tiling"), [(8192 * 16, None), (6, None), (8192 * 16, (128, 64, 256))],
+                         ids=["prefill", "decode", "prefill-warp-specialized"])
+def test_int8_kernel_lowers_for_hopper(rows: int, tiling) -> None:
     g = 16 if rows > 128 else 128
     shapes = (jax.ShapeDtypeStruct((rows, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((g, 4096, 1408), jnp.int8),
               jax.ShapeDtypeStruct((g, 1408), jnp.float32), jax.ShapeDtypeStruct((g,), jnp.int32))
-    text = lower_for_cuda(int8_forward_and_grad, *shapes)
+    text = lower_for_cuda(functools.partial(int8_forward_and_grad, tiling=tiling), *shapes)
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # forward and d_lhs; an int8 rhs has no gradient
 
 
