@@ -113,6 +113,17 @@ def test_mosaic_native_matches_oracle(case: str) -> None:
           kernel=native_mosaic)
 
 
+@needs_hopper
+@pytest.mark.parametrize("direction", [(512, 256), (256, 512)])
+def test_mosaic_native_warp_specialized(direction: tuple[int, int]) -> None:
+    # 256-wide column tiles: two compute warpgroups and one issuing the copies (gmm_mgpu._gmm_ws_body).
+    k, n = direction
+    rng = np.random.default_rng(8)
+    sizes = (rng.integers(0, 300, size=8) * (rng.random(8) > 0.25)).tolist()
+    check(sizes, sum(sizes) + 13, k, n, tiling=(128, 64, 256), dtype=ml_dtypes.bfloat16, seed=6,
+          kernel=native_mosaic)
+
+
 # ------------------------------------------------------------------------------------------------ the model
 
 
