@@ -64,7 +64,10 @@ def test_moe_experts_gradients_agree_across_backends(case):
     def loss(backend):
         return lambda *p: jnp.sum(probe * moe_experts(p[0], p[1], indices, p[2], p[3], p[4], backend=backend))
 
-    grads = {b: jax.jit(jax.grad(loss(b), argnums=tuple(range(5))))(*(a[n] for n in names)) for b in BACKENDS}
+    # The Mosaic GPU kernels' f32 runs six interpreted bf16 passes per product here (about 45 s a case): their
+    # gradients are checked against the float64 oracle in test_mosaic_gpu.py and test_quant.py instead.
+    grads = {b: jax.jit(jax.grad(loss(b), argnums=tuple(range(5))))(*(a[n] for n in names)) for b in BACKENDS
+             if b != "mosaic_gpu"}
     # Oracle: the directional derivative of the float64 numpy loss.
     rng = np.random.default_rng(2)
     direction = [rng.normal(size=a[n].shape) for n in names]
@@ -83,7 +86,7 @@ def test_moe_experts_gradients_agree_across_backends(case):
         for idle in skip:  # experts that received no token get exactly zero gradient
             for gi in g[2:]:
                 assert not np.any(np.asarray(gi)[idle]), backend
-    first = grads[sorted(BACKENDS)[0]]
+    first = grads[sorted(grads)[0]]
     for backend, g in grads.items():
         for name, gi, fi in zip(names, g, first, strict=True):
             np.testing.assert_allclose(np.asarray(gi), np.asarray(fi), rtol=1e-5, atol=1e-5,
