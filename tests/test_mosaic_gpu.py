@@ -18,11 +18,15 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import test_parity
+import torch
+from conftest import random_ids, torch_one_thread
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from test_grouped_matmul import oracle_forward
 from test_pallas_gmm import CASES, assert_close, check
 from test_quant import BF16_RTOL, gmm_inputs
 
+import dots_jax
 from dots_jax.ops import gmm as grouped_matmul
 from pallas_kernels import gmm as pallas_gmm
 from pallas_kernels import gmm_mgpu
@@ -71,6 +75,20 @@ def test_moe_backend_is_registered() -> None:
     assert_close(np.asarray(out.astype(jnp.float32)), oracle_forward(np.asarray(rows), rhs64, gs), BF16_RTOL,
                  "backend mosaic_gpu")
     assert grouped_matmul.default_backend(600, 128) in ("loop", "gather")  # never auto's choice on a CPU
+
+
+def test_model_logits_match_reference(tmp_path) -> None:
+    """The model on the mosaic_gpu backend (interpreted) gives transformers' logits, with test_parity's bound, on the
+    "released_like" parity config (top-6 of 16 experts; tiny widths: every product's k and n are padded up to the
+    kernels' tiles)."""
+    ref, path = test_parity._build("released_like", tmp_path)
+    ids = random_ids(160, 2, 32, seed=1)
+    with torch_one_thread():
+        expected = ref(torch.from_numpy(ids).long()).logits.double().numpy()
+    logits = np.asarray(dots_jax.from_pretrained(path, dtype=jnp.float32, progress=False,
+                                                 moe_backend="mosaic_gpu")(jnp.asarray(ids)))
+    err = np.abs(logits - expected).max() / np.abs(expected).max()
+    assert err <= 1e-4, f"logits {err:.2e} of max|logit| from transformers'"
 
 
 def test_interpreter_poisons_unwritten_output() -> None:
