@@ -164,6 +164,21 @@ def _accumulate(multiply, acc_shape: tuple[int, int], scratch: list[Any]) -> jax
                                                         plgpu.ACC(acc_shape)), *scratch)
 
 
+def _for_each_visit(lo_ref, hi_ref, group_ref, tile_ref, num_visits: int, grid_n: int, visit_fn) -> None:
+    """visit_fn(tile, group, col, lo, hi) for every (visit, column tile) work item with rows to store, the items
+    spread over the SMs. Visit-major order: the items of one visit (its column tiles) run side by side and share the
+    lhs tile in L2."""
+    @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
+    def _work(loop_info: plgpu.NDLoopInfo) -> None:
+        item = loop_info.index[0]
+        visit, col = jax.lax.div(item, grid_n), jax.lax.rem(item, grid_n)
+        lo, hi = lo_ref[visit], hi_ref[visit]
+
+        @pl.when(hi > lo)
+        def _visit() -> None:
+            visit_fn(tile_ref[visit], group_ref[visit], col, lo, hi)
+
+
 def _gmm_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gmem, *, tm: int, tk: int, tn: int,
               num_visits: int, transpose_rhs: bool, interpret: bool) -> None:
     k = lhs_gmem.shape[1]
@@ -178,52 +193,44 @@ def _gmm_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gmem,
     if transpose_rhs and interpret:
         scratch.append(plgpu.SMEM((tk, tn), dtype))
 
-    # Visit-major order: the items of one visit (its column tiles) run side by side and share the lhs tile in L2.
-    @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
-    def _work(loop_info: plgpu.NDLoopInfo) -> None:
-        item = loop_info.index[0]
-        visit, col = jax.lax.div(item, grid_n), jax.lax.rem(item, grid_n)
-        lo, hi = lo_ref[visit], hi_ref[visit]
+    def visit(tile: jax.Array, group: jax.Array, col: jax.Array, lo: jax.Array, hi: jax.Array) -> None:
+        def multiply(acc_ref, *buffers) -> jax.Array:
+            buffers = list(buffers)
 
-        @pl.when(hi > lo)
-        def _visit() -> None:
-            tile, group = tile_ref[visit], group_ref[visit]
+            def step(_, x_smem, w_smem) -> None:
+                if convert:
+                    converted = buffers[0]
+                    # The previous product may still read the buffer: wait before overwriting it.
+                    plgpu.wgmma_wait(0)
+                    converted[...] = w_smem[...].astype(dtype)
+                    plgpu.commit_smem()
+                    w_smem = converted
+                if transpose_rhs:
+                    w_smem = _transposed(w_smem, buffers[-1] if interpret else None, interpret)
+                plgpu.wgmma(acc_ref, x_smem, w_smem)
 
-            def multiply(acc_ref, *buffers) -> jax.Array:
-                buffers = list(buffers)
+            plgpu.emit_pipeline(
+                step,
+                grid=(k // tk,),
+                in_specs=[
+                    plgpu.BlockSpec((tm, tk), lambda kk: (tile, kk), delay_release=1),
+                    plgpu.BlockSpec(rhs_block, (lambda kk: (col, kk)) if transpose_rhs else (lambda kk: (kk, col)),
+                                    delay_release=1),
+                ],
+                max_concurrent_steps=PIPELINE_STEPS,
+            )(lhs_gmem, rhs_gmem.at[group])
+            return acc_ref[...]
 
-                def step(_, x_smem, w_smem) -> None:
-                    if convert:
-                        converted = buffers[0]
-                        # The previous product may still read the buffer: wait before overwriting it.
-                        plgpu.wgmma_wait(0)
-                        converted[...] = w_smem[...].astype(dtype)
-                        plgpu.commit_smem()
-                        w_smem = converted
-                    if transpose_rhs:
-                        w_smem = _transposed(w_smem, buffers[-1] if interpret else None, interpret)
-                    plgpu.wgmma(acc_ref, x_smem, w_smem)
+        acc = _accumulate(multiply, (tm, tn), scratch)
 
-                plgpu.emit_pipeline(
-                    step,
-                    grid=(k // tk,),
-                    in_specs=[
-                        plgpu.BlockSpec((tm, tk), lambda kk: (tile, kk), delay_release=1),
-                        plgpu.BlockSpec(rhs_block, (lambda kk: (col, kk)) if transpose_rhs else (lambda kk: (kk, col)),
-                                        delay_release=1),
-                    ],
-                    max_concurrent_steps=PIPELINE_STEPS,
-                )(lhs_gmem, rhs_gmem.at[group])
-                return acc_ref[...]
+        @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tm, tn), out_gmem.dtype))
+        def _store(o_smem) -> None:
+            o_smem[...] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            _store_rows(o_smem, out_gmem, lo, hi, tile * tm, pl.ds(col * tn, tn))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            acc = _accumulate(multiply, (tm, tn), scratch)
-
-            @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((tm, tn), out_gmem.dtype))
-            def _store(o_smem) -> None:
-                o_smem[...] = acc.astype(o_smem.dtype)
-                plgpu.commit_smem()
-                _store_rows(o_smem, out_gmem, lo, hi, tile * tm, pl.ds(col * tn, tn))
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    _for_each_visit(lo_ref, hi_ref, group_ref, tile_ref, num_visits, grid_n, visit)
 
 
 def _gmm_ws_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gmem, *, tm: int, tk: int, tn: int,
@@ -268,47 +275,39 @@ def _gmm_ws_body(lo_ref, hi_ref, group_ref, tile_ref, lhs_gmem, rhs_gmem, out_gm
     def _scope(allocations, out_smem, converted=None, transposed=None) -> None:
         wg = jax.lax.axis_index("wg")
 
-        @plgpu.nd_loop((num_visits * grid_n,), collective_axes="sm")
-        def _work(loop_info: plgpu.NDLoopInfo) -> None:
-            item = loop_info.index[0]
-            visit, col = jax.lax.div(item, grid_n), jax.lax.rem(item, grid_n)
-            lo, hi = lo_ref[visit], hi_ref[visit]
-
-            @pl.when(hi > lo)
-            def _visit() -> None:
-                tile, group = tile_ref[visit], group_ref[visit]
-
-                def context(run_pipeline) -> None:
-                    @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, half)))
-                    def _accumulate(acc_ref) -> None:
-                        run_pipeline(acc_ref)
-                        acc = acc_ref[...]
-                        # In chunks of STORE_ROWS rows: an output buffer of the whole tile does not fit beside the
-                        # pipeline's.
-                        for part in range(tm // chunk):
-                            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores have read the buffer
-                            out_smem[wg] = acc[part * chunk:(part + 1) * chunk].astype(out_smem.dtype)
-                            plgpu.commit_smem()
-                            _store_rows(out_smem.at[wg], out_gmem, lo, hi, tile * tm + part * chunk,
-                                        pl.ds(col * tn + wg * half, half))
-
-                def step(_, x_smem, w_smem, acc_ref):
-                    w_smem = w_smem.at[pl.ds(wg * half, half)] if transpose_rhs else w_smem.at[:, pl.ds(wg * half,
-                                                                                                        half)]
-                    if convert:
-                        converted.at[wg][...] = w_smem[...].astype(dtype)
+        def visit(tile: jax.Array, group: jax.Array, col: jax.Array, lo: jax.Array, hi: jax.Array) -> None:
+            def context(run_pipeline) -> None:
+                @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((tm, half)))
+                def _epilogue(acc_ref) -> None:
+                    run_pipeline(acc_ref)
+                    acc = acc_ref[...]
+                    # In chunks of STORE_ROWS rows: an output buffer of the whole tile does not fit beside the
+                    # pipeline's.
+                    for part in range(tm // chunk):
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores have read the buffer
+                        out_smem[wg] = acc[part * chunk:(part + 1) * chunk].astype(out_smem.dtype)
                         plgpu.commit_smem()
-                        w_smem = converted.at[wg]
-                    if transpose_rhs:
-                        w_smem = _transposed(w_smem, transposed.at[wg] if interpret else None, interpret)
-                    plgpu.wgmma(acc_ref, x_smem, w_smem)
-                    plgpu.wgmma_wait(0)  # the stage is released to the memory warpgroup when the step returns
-                    return acc_ref
+                        _store_rows(out_smem.at[wg], out_gmem, lo, hi, tile * tm + part * chunk,
+                                    pl.ds(col * tn + wg * half, half))
 
-                rhs = rhs_gmem.at[group]
-                rhs = rhs.at[pl.ds(col * tn, tn), :] if transpose_rhs else rhs.at[:, pl.ds(col * tn, tn)]
-                pipeline(step, context)(lhs_gmem.at[pl.ds(tile * tm, tm), :], rhs, allocations=allocations)
+            def step(_, x_smem, w_smem, acc_ref):
+                mine = pl.ds(wg * half, half)  # this warpgroup's columns of the rhs tile
+                w_smem = w_smem.at[mine] if transpose_rhs else w_smem.at[:, mine]
+                if convert:
+                    converted.at[wg][...] = w_smem[...].astype(dtype)
+                    plgpu.commit_smem()
+                    w_smem = converted.at[wg]
+                if transpose_rhs:
+                    w_smem = _transposed(w_smem, transposed.at[wg] if interpret else None, interpret)
+                plgpu.wgmma(acc_ref, x_smem, w_smem)
+                plgpu.wgmma_wait(0)  # the stage is released to the memory warpgroup when the step returns
+                return acc_ref
 
+            rhs = rhs_gmem.at[group]
+            rhs = rhs.at[pl.ds(col * tn, tn), :] if transpose_rhs else rhs.at[:, pl.ds(col * tn, tn)]
+            pipeline(step, context)(lhs_gmem.at[pl.ds(tile * tm, tm), :], rhs, allocations=allocations)
+
+        _for_each_visit(lo_ref, hi_ref, group_ref, tile_ref, num_visits, grid_n, visit)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
