@@ -22,6 +22,7 @@ says nothing about speed; see benchmarks/gmm_cpu.py for the CPU backends).
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import sys
@@ -53,12 +54,18 @@ def median_ms(fn: Callable[[], object], repeats: int, sync: Callable[[object], N
     return times
 
 
-def jax_cell(matmul: Callable, mode: str, lhs, rhs, group_sizes, d_out) -> Callable[[], object]:
+def compile_cell(matmul: Callable, mode: str, lhs, rhs, group_sizes, d_out, steps: int) -> Callable[[], object]:
+    """The compiled forward ("fwd") or forward and both gradients of matmul, as a call with no arguments; the Mosaic
+    GPU pipeline depth `steps` is read while the kernel is traced, here."""
     def loss(a, b):
         return jnp.vdot(matmul(a, b, group_sizes).astype(jnp.float32), d_out.astype(jnp.float32))
 
     fn = (lambda a, b: matmul(a, b, group_sizes)) if mode == "fwd" else jax.grad(loss, argnums=(0, 1))
-    compiled = jax.jit(fn).lower(lhs, rhs).compile()
+    gmm_mgpu.PIPELINE_STEPS = steps
+    try:
+        compiled = jax.jit(fn).lower(lhs, rhs).compile()
+    finally:
+        gmm_mgpu.PIPELINE_STEPS = DEFAULT_STEPS
     return lambda: compiled(lhs, rhs)
 
 
@@ -120,7 +127,7 @@ def acceptance(records: list[dict], peak: float) -> list[dict]:
     for direction, _, _ in DIRECTIONS:
         for rows in BAR_ROWS:
             cell = [r for r in records if r["direction"] == direction and r["rows_per_expert"] == rows
-                    and r["mode"] == "fwd+bwd"]
+                    and r["mode"] == "fwd+bwd" and "tflops" in r]
             ours = [r for r in cell if r["impl"].startswith("mosaic_gpu")]
             torch_rows = [r for r in cell if r["impl"] == "torch._grouped_mm"]
             if not ours:
@@ -168,6 +175,10 @@ def main() -> None:
     header = f"{'shape':<36} {'mode':<8} {'impl':<22} {'ms':>9} {'TFLOP/s':>9} {'% peak':>7}"
     print(header)
     print("-" * len(header))
+    meta = {"jax": jax.__version__, "device": device.device_kind, "peak_bf16_tflops": peak,
+            "machine": platform.machine(), "repeats": args.repeats,
+            "tiling": "pallas_kernels.gmm_gpu.choose_tiling / gmm_mgpu.choose_tiling unless named",
+            "mosaic_pipeline_steps": DEFAULT_STEPS, "torch": torch_version()}
     rng = np.random.default_rng(0)
     records = []
     impls = {name: fn for name, fn in base_impls().items() if name in args.impls}
@@ -198,43 +209,47 @@ def main() -> None:
             rhs_q = jnp.asarray(q, jnp.int8)
             scale = jnp.asarray(np.abs(rhs_np).max(axis=1) / 127, jnp.float32)
             for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n), ("fwd int8", 2 * m * k * n)):
-                cells: list[tuple[str, Callable[[], object], Callable[[object], None]]] = []
+                # (name, compile, sync): compiled when timed, so that one implementation failing (a kernel that does
+                # not compile on this GPU or jax) costs its own cells only.
+                cells: list[tuple[str, Callable[[], Callable[[], object]], Callable[[object], None]]] = []
                 for name, fn in impls.items():
                     if mode == "fwd int8" and not name.startswith(("pallas", "mosaic_gpu")):
                         continue
-                    # The pipeline depth is read when the kernel is traced, inside jax_cell's compile.
-                    gmm_mgpu.PIPELINE_STEPS = steps.get(name, DEFAULT_STEPS)
                     if mode == "fwd int8":
-                        cell = jax_cell(lambda a, b, gs, fn=fn, s=scale: fn(a, b, gs, rhs_scale=s), "fwd", lhs, rhs_q,
-                                        group_sizes, d_out)
+                        fn, b, m_ = (lambda a, b, gs, fn=fn, s=scale: fn(a, b, gs, rhs_scale=s)), rhs_q, "fwd"
                     else:
-                        cell = jax_cell(fn, mode, lhs, rhs, group_sizes, d_out)
-                    cells.append((name, cell, jax.block_until_ready))
-                gmm_mgpu.PIPELINE_STEPS = DEFAULT_STEPS
+                        b, m_ = rhs, mode
+                    cells.append((name, functools.partial(compile_cell, fn, m_, lhs, b, group_sizes, d_out,
+                                                          steps.get(name, DEFAULT_STEPS)), jax.block_until_ready))
                 torch_run = torch_cell(mode, lhs_np, rhs_np, sizes, d_out_np) if "torch" in args.impls else None
                 if torch_run is not None and mode != "fwd int8":
                     import torch
 
-                    cells.append((torch_run[1], torch_run[0], lambda _: torch.cuda.synchronize()))
-                for name, fn, sync in cells:
-                    times = median_ms(fn, args.repeats, sync)
+                    cells.append((torch_run[1], lambda run=torch_run[0]: run, lambda _: torch.cuda.synchronize()))
+                for name, make, sync in cells:
+                    record = {"direction": direction, "rows_per_expert": rows, "experts": g, "m": m, "k": k, "n": n,
+                              "mode": mode, "impl": name}
+                    try:
+                        times = median_ms(make(), args.repeats, sync)
+                    except Exception as e:  # recorded, and the other cells still run
+                        record["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+                        print(f"{label:<36} {mode:<8} {name:<22} failed: {record['error'][:200]}", flush=True)
+                        records.append(record)
+                        continue
                     ms = statistics.median(times)
                     tflops = flops / (ms * 1e-3) / 1e12
                     print(f"{label:<36} {mode:<8} {name:<22} {ms:>9.3f} {tflops:>9.1f} {100 * tflops / peak:>6.1f}%",
                           flush=True)
-                    records.append({"direction": direction, "rows_per_expert": rows, "experts": g, "m": m, "k": k,
-                                    "n": n, "mode": mode, "impl": name, "median_ms": ms, "times_ms": times,
-                                    "tflops": tflops, "fraction_of_peak": tflops / peak})
-    meta = {"jax": jax.__version__, "device": device.device_kind, "peak_bf16_tflops": peak,
-            "machine": platform.machine(), "repeats": args.repeats,
-            "tiling": "pallas_kernels.gmm_gpu.choose_tiling / gmm_mgpu.choose_tiling unless named",
-            "mosaic_pipeline_steps": DEFAULT_STEPS, "torch": torch_version()}
+                    records.append({**record, "median_ms": ms, "times_ms": times, "tflops": tflops,
+                                    "fraction_of_peak": tflops / peak})
+                # After every shape: a run stopped by its time budget keeps what it measured.
+                write_results(args.out, {"meta": meta, "results": records, "complete": False}, indent=1)
     bar = acceptance(records, peak)
     for row in bar:
         print(f"bar: {row['direction']} {row['rows_per_expert']} rows/expert: best Mosaic GPU fwd+bwd "
               f"{row['mosaic_tflops']:.1f} TFLOP/s ({row['mosaic_impl']}) = {100 * row['fraction_of_peak']:.1f}% of "
               f"peak, torch {row['torch_tflops'] or float('nan'):.1f}: {'met' if row['met'] else 'NOT met'}")
-    write_results(args.out, {"meta": meta, "results": records, "bar": bar}, indent=1)
+    write_results(args.out, {"meta": meta, "results": records, "bar": bar, "complete": True}, indent=1)
     print(f"\nwrote {args.out}")
 
 
