@@ -42,7 +42,7 @@ from pallas_kernels.visits import make_visits
 
 __all__ = ["choose_tiling", "gmm_mgpu", "tgmm_mgpu"]
 
-Tiling = tuple[int, int, int]  # (tm, tk, tn); for tgmm (rows per step, k tile, n tile)
+Tiling = tuple[int, int, int]  # (tm, tk, tn): row tile, contraction step, column tile (tgmm: its tk x tn output tile)
 
 # H100 SXM and H200 both have 132 SMs; used when lowering on a machine without the GPU (ahead of time).
 HOPPER_SMS = 132
@@ -76,8 +76,9 @@ def choose_tiling(m: int, k: int, n: int, num_groups: int = 1) -> Tiling:
 
 def _check_tiling(tiling: Tiling) -> None:
     tm, tk, tn = tiling
-    if tm not in (64, 128, 256):
-        raise ValueError(f"Mosaic GPU row tile tm={tm} must be 64, 128 or 256 (wgmma's row blocks of one warpgroup)")
+    if tm not in (64, 128):
+        raise ValueError(f"Mosaic GPU row tile tm={tm} must be 64 or 128 (wgmma's row blocks; one warpgroup's "
+                         "accumulator holds at most 128 x 128)")
     if tk <= 0 or tk % 16 or tn <= 0 or tn % 8:
         raise ValueError(f"Mosaic GPU tiles tk={tk}, tn={tn}: tk must be a multiple of 16, tn of 8 (wgmma shapes)")
 
