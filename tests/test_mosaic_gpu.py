@@ -160,4 +160,4 @@ def test_lowering_checks_shared_memory() -> None:
     shapes = (jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16), jax.ShapeDtypeStruct((16, 4096, 1408), jnp.bfloat16),
               jax.ShapeDtypeStruct((16,), jnp.int32))
     with pytest.raises(ValueError, match="exceeds available shared memory"):
-        lower_for_cuda(lambda a, b, gs: mosaic(a, b, gs, tiling=(256, 512, 704)), *shapes)
+        lower_for_cuda(lambda a, b, gs: mosaic(a, b, gs, tiling=(128, 512, 128)), *shapes)
