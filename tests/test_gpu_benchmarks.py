@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CHEAP_COMPILE
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
@@ -24,8 +25,10 @@ TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     tmp = tmp_path_factory.mktemp("gpu_benchmarks")
-    # The suite's cheap-compile XLA_FLAGS (conftest) are inherited: a dry run measures nothing.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # The benchmarks run as users run them: without the suite's cheap-compile XLA_FLAGS (conftest), which every child
+    # process would otherwise inherit.
+    flags = os.environ.get("XLA_FLAGS", "").replace(CHEAP_COMPILE, "").strip()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
     jobs = {"generate_dry": ("generate_gpu.py", "--dry-run"), "serve_dry": ("serve_gpu.py", "--dry-run"),
             "no_gpu": ("generate_gpu.py",)}  # serve_gpu.py refuses by the same function (gpu_problem)
     procs = {}
@@ -55,6 +58,7 @@ def test_generate_gpu_dry_run(runs: dict) -> None:
     payload = dry_result(runs, "generate_dry")
     assert {"machine", "settings", "model", "greedy", "results"} <= payload.keys() and payload["complete"] is True
     machine = payload["machine"]
+    assert CHEAP_COMPILE not in machine["xla_flags"], "the benchmark ran with the test suite's cheap-compile flags"
     for key in ("device", "torch_device", "driver", "jax", "jaxlib", "torch", "transformers", "loadavg_1_5_15_start",
                 "loadavg_1_5_15_end"):
         assert key in machine
