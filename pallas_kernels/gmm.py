@@ -1,4 +1,5 @@
-"""Grouped matmul for the MoE experts as Pallas kernels: TPU (Mosaic) here, GPU in gmm_gpu.py.
+"""Grouped matmul for the MoE experts as Pallas kernels: TPU (Mosaic) here, GPU in gmm_mgpu.py (Mosaic GPU) and
+gmm_gpu.py (Triton, deprecated).
 
     gmm(lhs [m, k], rhs [g_local, k, n], group_sizes [G]) -> [m, n]
 
@@ -43,7 +44,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.visits import make_visits
 
-__all__ = ["choose_tiling", "gmm", "make_visits", "tgmm", "tgmm_tpu", "gmm_tpu"]
+__all__ = ["choose_tiling", "gmm", "tgmm", "tgmm_tpu", "gmm_tpu"]
 
 Tiling = tuple[int, int, int]  # (tm, tk, tn): row tile, contraction tile, output-column tile
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
+from pallas_kernels.visits import local_bounds
+
 __all__ = ["choose_tiling", "gmm_gpu", "tgmm_gpu"]
 
 Tiling = tuple[int, int, int]
@@ -60,13 +62,6 @@ def _pad_pow2(x: jax.Array) -> jax.Array:
     """Small metadata vectors are loaded whole: Triton wants power-of-two lengths."""
     size = 1 << max(0, (x.shape[0] - 1).bit_length())
     return jnp.pad(x, (0, size - x.shape[0]))
-
-
-def _local_bounds(group_sizes: jax.Array, group_offset: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    starts = ends - group_sizes
-    return (jax.lax.dynamic_slice_in_dim(starts, group_offset, num_local),
-            jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local))
 
 
 def _precision(x: jax.Array) -> jax.lax.Precision | None:
@@ -120,7 +115,7 @@ def gmm_gpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offset
     _check_tiling((tm, tk, tn), k, n)
     m_pad = -(-m // tm) * tm
     lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0)))
-    starts, ends = _local_bounds(group_sizes, group_offset, num_local)
+    starts, ends = local_bounds(group_sizes, group_offset, num_local)
     tile_start = jnp.arange(m_pad // tm, dtype=jnp.int32) * tm
     # Our groups with rows in each tile: from the first ending after its start to the last starting before
     # its end (an empty range, first > last, for tiles outside our groups: they are written as zeros).
@@ -171,7 +166,7 @@ def tgmm_gpu(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, group_offs
     m_pad = -(-m // tm) * tm
     lhs = jnp.pad(lhs, ((0, m_pad - m), (0, 0)))
     dout = jnp.pad(dout, ((0, m_pad - m), (0, 0)))
-    meta = [_pad_pow2(a) for a in _local_bounds(group_sizes, group_offset, num_local)]
+    meta = [_pad_pow2(a) for a in local_bounds(group_sizes, group_offset, num_local)]
     return pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm, tk=tk, tn=tn),
         out_shape=jax.ShapeDtypeStruct((num_local, k, n), out_dtype),

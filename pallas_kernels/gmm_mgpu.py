@@ -5,7 +5,7 @@ Pallas' Triton lowering (gmm_gpu.py) is deprecated from JAX 0.11; this is its su
 one program per SM loops over work items (plgpu.nd_loop), and each item streams its operands through shared memory
 in a multi-buffered pipeline (plgpu.emit_pipeline) into an f32 wgmma accumulator.
 
-  gmm:  a work item is one (visit, column tile). Visits are the (local group, row tile) pairs of gmm.make_visits,
+  gmm:  a work item is one (visit, column tile). Visits are the (local group, row tile) pairs of visits.make_visits,
         computed once in plain JAX with the rows [lo, hi) each must store: a tile straddling a group boundary is
         visited once per group. An item multiplies its row tile by its group's weights over all of k and stores only
         rows [lo, hi), with a ladder of power-of-two TMA stores (a TMA box has a static shape). Rows of no group of
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.visits import make_visits
+from pallas_kernels.visits import local_bounds, make_visits
 
 __all__ = ["choose_tiling", "gmm_mgpu", "tgmm_mgpu"]
 
@@ -356,7 +356,8 @@ def gmm_mgpu(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, group_offse
     _check_tiling((tm, tk, tn))
     # Zero padding: rows to whole tiles (never stored), k (adds zero products) and n (sliced off).
     lhs = _pad_to(_pad_to(lhs, 0, tm), 1, tk)
-    rhs = _pad_to(_pad_to(rhs, 2, tn if not transpose_rhs else tk), 1, tk if not transpose_rhs else tn)
+    k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+    rhs = _pad_to(_pad_to(rhs, k_axis, tk), n_axis, tn)
     m_pad = lhs.shape[0]
     v = make_visits(group_sizes, group_offset, num_local, m_pad, tm, gaps=False)
     tile_start = v.tile_id * tm
@@ -457,15 +458,12 @@ def tgmm_mgpu(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, group_off
                          "tn of 8")
     lhs = _pad_to(_pad_to(lhs, 0, tr), 1, tk)
     dout = _pad_to(_pad_to(dout, 0, tr), 1, tn)
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    starts = jax.lax.dynamic_slice_in_dim(ends - group_sizes, group_offset, num_local)
-    ends = jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local)
+    starts, ends = local_bounds(group_sizes, group_offset, num_local)
     body = functools.partial(_tgmm_body, tr=tr, tk=tk, tn=tn, num_local=num_local, interpret=bool(interpret))
     kernel_dtype = jnp.float32 if lhs.dtype == jnp.float32 else out_dtype
 
     def call(x: jax.Array, dy: jax.Array) -> jax.Array:
-        kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((num_local, *x.shape[1:2], dy.shape[1]),
-                                                                  kernel_dtype),
+        kernel = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((num_local, x.shape[1], dy.shape[1]), kernel_dtype),
                               grid=(_num_sms(interpret),), grid_names=("sm",), compiler_params=_compiler_params(),
                               interpret=_interpret_params(interpret))
         return kernel(starts, ends, x, dy)

@@ -9,7 +9,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Visits", "make_visits"]
+__all__ = ["Visits", "local_bounds", "make_visits"]
+
+
+def local_bounds(group_sizes: jax.Array, group_offset: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+    """(starts, ends), int32 [num_local]: the first row and one past the last of groups o .. o + num_local - 1."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    starts = ends - group_sizes.astype(jnp.int32)
+    return (jax.lax.dynamic_slice_in_dim(starts, group_offset, num_local),
+            jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local))
 
 
 class Visits(NamedTuple):
@@ -30,10 +38,7 @@ def make_visits(group_sizes: jax.Array, group_offset: jax.Array, num_local: int,
     all rows, and empty segments are not visited. gaps=False (tgmm): segments are our groups only, and an
     empty group is visited once (on a clamped tile, with no rows) so that its output gets written.
     """
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    starts = ends - group_sizes
-    local_starts = jax.lax.dynamic_slice_in_dim(starts, group_offset, num_local)
-    local_ends = jax.lax.dynamic_slice_in_dim(ends, group_offset, num_local)
+    local_starts, local_ends = local_bounds(group_sizes, group_offset, num_local)
     if gaps:
         zero, end = jnp.zeros((1,), jnp.int32), jnp.full((1,), m_pad, jnp.int32)
         seg_start = jnp.concatenate([zero, local_starts, local_ends[-1:]])
