@@ -145,6 +145,15 @@ def parameter_counts(cfg: transformers.Dots1Config, total: int) -> dict:
             "active_params_B": round((total - skipped) / 1e9, 3)}
 
 
+def model_facts(overrides: dict, cfg: transformers.Dots1Config, total: int, moe_backend: str) -> dict:
+    """What a results file records of the model build_checkpoint(overrides) made and both sides ran: its config,
+    parameter counts, dtype, our MoE backend and the reference's attention and experts implementations."""
+    return {"config": {**overrides, "max_position_embeddings": MAX_POSITIONS}, **parameter_counts(cfg, total),
+            "dtype": "bfloat16",
+            "moe_backend": moe_backend, "ref_attn_implementation": cfg._attn_implementation,
+            "ref_experts_implementation": getattr(cfg, "_experts_implementation", None)}
+
+
 def build_checkpoint(overrides: dict, directory: Path, device: str) -> tuple[Path, int]:
     """The oracle's random model, built on `device` (the f32 init of 2.9B weights is minutes on a CPU, a second on
     the GPU), cast to bf16 and saved as an HF directory. Reused when `directory` holds one of the same config (the
@@ -324,11 +333,8 @@ def main() -> int:
     cfg = ref.config
     print(f"built in {built:.0f} s, loaded both in {loaded:.0f} s", flush=True)
     rng = np.random.default_rng(0)
-    model = {"config": {**overrides, "max_position_embeddings": MAX_POSITIONS}, **parameter_counts(cfg, total),
-             "dtype": "bfloat16", "moe_backend": args.moe_backend, "attention_backend": args.attention_backend,
-             "moe_backend_auto": gmm.default_backend(),
-             "ref_attn_implementation": cfg._attn_implementation,
-             "ref_experts_implementation": getattr(cfg, "_experts_implementation", None)}
+    model = {**model_facts(overrides, cfg, total, args.moe_backend), "attention_backend": args.attention_backend,
+             "moe_backend_auto": gmm.default_backend()}
     machine["build_s"], machine["load_s"] = built, loaded
     settings = {"dry_run": args.dry_run, "batches": batches, "prefill_tokens": prefill,
                 "decode_tokens": decode_tokens, "decode_prompt_tokens": DECODE_PROMPT, "repeats": repeats,

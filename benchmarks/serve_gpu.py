@@ -94,9 +94,7 @@ def main() -> int:
         ours = dots_jax.from_pretrained(path, dtype=jnp.bfloat16, moe_backend=args.moe_backend, progress=False)
         ref = generate_gpu.load_reference(path, device)
     cfg = ref.config
-    model = {"config": overrides, **generate_gpu.parameter_counts(cfg, total), "dtype": "bfloat16",
-             "moe_backend": args.moe_backend, "ref_attn_implementation": cfg._attn_implementation,
-             "ref_experts_implementation": getattr(cfg, "_experts_implementation", None)}
+    model = generate_gpu.model_facts(overrides, cfg, total, args.moe_backend)
 
     settings = {"dry_run": args.dry_run, "batches": batches, "prompt_tokens": STEP_PROMPT, "timed_steps": STEP_TIMED,
                 "engine": f"max_batch {max(batches)}, max_seq_len {MAX_SEQ_LEN} (other options default)",
