@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from results_io import write_results  # noqa: E402  (benchmarks/ is on sys.path: scripts run from it)
 
+from dots_jax.ops.quant import quantize_int8  # noqa: E402
 from pallas_kernels import gmm as pallas_gmm  # noqa: E402
 from pallas_kernels import gmm_mgpu  # noqa: E402
 
@@ -162,7 +163,7 @@ def main() -> None:
                         help="which implementations to time")
     parser.add_argument("--mosaic-steps", nargs="*", type=int, default=[],
                         help=f"also time the Mosaic GPU kernels with these pipeline depths (default "
-                             f"{gmm_mgpu.PIPELINE_STEPS})")
+                             f"{gmm_mgpu.PIPELINE_STEPS}; the warp-specialized 256-column variant keeps its own)")
     args = parser.parse_args()
     if jax.default_backend() != "gpu":
         sys.exit(f"benchmarks/gmm.py needs a GPU; JAX sees {jax.default_backend()!r}. "
@@ -184,12 +185,12 @@ def main() -> None:
     impls = {name: fn for name, fn in base_impls().items() if name in args.impls}
     for spec in args.tiling:
         tiling = tuple(int(t) for t in spec.split(","))
-        label = "x".join(map(str, tiling))
+        tiles = "x".join(map(str, tiling))
         if "pallas" in args.impls:
-            impls[f"pallas {label}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
+            impls[f"pallas {tiles}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
                 a, b, gs, tiling=tiling, platform="gpu", **kw)
         if "mosaic_gpu" in args.impls:
-            impls[f"mosaic_gpu {label}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
+            impls[f"mosaic_gpu {tiles}"] = lambda a, b, gs, tiling=tiling, **kw: pallas_gmm.gmm(
                 a, b, gs, tiling=tiling, platform="mosaic_gpu", **kw)
     steps = {f"mosaic_gpu s={n}": n for n in args.mosaic_steps if n != gmm_mgpu.PIPELINE_STEPS}
     if "mosaic_gpu" in args.impls:
@@ -205,9 +206,7 @@ def main() -> None:
             lhs, rhs = jnp.asarray(lhs_np, jnp.bfloat16), jnp.asarray(rhs_np, jnp.bfloat16)
             d_out, group_sizes = jnp.asarray(d_out_np, jnp.bfloat16), jnp.asarray(sizes)
             label = f"{direction} m={m} k={k} n={n}"
-            q = np.clip(np.round(rhs_np / np.abs(rhs_np).max(axis=1, keepdims=True) * 127), -127, 127)
-            rhs_q = jnp.asarray(q, jnp.int8)
-            scale = jnp.asarray(np.abs(rhs_np).max(axis=1) / 127, jnp.float32)
+            rhs_q, scale = quantize_int8(rhs_np, (1,))  # per (expert, output column), as the model's weights
             for mode, flops in (("fwd", 2 * m * k * n), ("fwd+bwd", 6 * m * k * n), ("fwd int8", 2 * m * k * n)):
                 # (name, compile, sync): compiled when timed, so that one implementation failing (a kernel that does
                 # not compile on this GPU or jax) costs its own cells only.
